@@ -1,0 +1,141 @@
+"""The ``finetune`` command: train, eval, predict, recipes.
+
+    finetune train --recipe sst2_minilm_lora train.lr=3e-4 policy.lora.rank=16
+    finetune eval --model runs/sst2_minilm_lora-20261128-120000 --split test
+    finetune predict --model RUN_DIR --input sentences.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from finetune.config import RecipeError
+
+
+def _recipes_epilog() -> str:
+    import recipes
+
+    lines = [f"  {name:<22} {summary}" for name, summary in recipes.available().items()]
+    return "shipped recipes (--recipe NAME or a path):\n" + "\n".join(lines)
+
+
+def _add_train_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", required=True, help="recipe YAML file or shipped recipe name")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=3e-4")
+    parser.add_argument("--resume", action="store_true", help="continue the run in output.dir from its last checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace a run already in output.dir")
+    parser.add_argument("--merge", action="store_true", help="LoRA: also save a merged full model under merged/")
+
+
+def train_command(args: argparse.Namespace) -> int:
+    import recipes
+    from finetune.config import Recipe
+
+    overrides = list(args.overrides) + (["output.merge_lora=true"] if args.merge else [])
+    recipe = Recipe.from_yaml(recipes.recipe_path(args.recipe), overrides=overrides)
+    if args.resume and not recipe.output.dir:
+        raise RecipeError("--resume needs output.dir=RUN_DIR naming the run to continue")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print("# resolved recipe\n" + recipe.to_yaml(), flush=True)
+    result = recipe.run(resume=args.resume, overwrite=args.overwrite or None)
+    if PartialState().is_main_process:
+        print(json.dumps({"run_dir": str(result.run_dir), **result.metrics}))
+    return 0
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    from finetune.predict import evaluate_run
+
+    print(json.dumps(evaluate_run(args.model, args.split, args.overrides), indent=2))
+    return 0
+
+
+def _read_inputs(path: Path, run) -> tuple[list, list | None]:
+    """A .txt file has one input per line; other files go through the recipe's column mapping."""
+    if path.suffix == ".txt":
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        if run.recipe.task == "token_classification":
+            return [line.split() for line in lines], None
+        return lines, None
+    import datasets
+
+    from finetune.data import EXTENSIONS
+
+    fmt = EXTENSIONS.get(path.suffix)
+    if fmt is None:
+        raise RecipeError(f"--input: {path} must be .txt or one of {', '.join(EXTENSIONS)}")
+    builder = {"tsv": "csv", "jsonl": "json"}.get(fmt, fmt)
+    kwargs = {"delimiter": "\t", "keep_default_na": False} if fmt == "tsv" else {}
+    table = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    cols = run.recipe.data.columns
+    first = cols.tokens if run.recipe.task == "token_classification" else cols.text
+    if first not in table.column_names:
+        raise RecipeError(f"--input: {path} has no column {first!r}; columns are {table.column_names}")
+    pairs = table[cols.text_pair] if cols.text_pair and run.recipe.task != "token_classification" else None
+    return table[first], pairs
+
+
+def predict_command(args: argparse.Namespace) -> int:
+    from finetune.predict import load_run, predict
+
+    run = load_run(args.model)
+    texts, pairs = _read_inputs(Path(args.input), run)
+    for text, result in zip(texts, predict(run, texts, pairs)):
+        print(json.dumps({"input": text, **result}, ensure_ascii=False))
+    return 0
+
+
+def recipes_command(args: argparse.Namespace) -> int:
+    print(_recipes_epilog())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="finetune", description="Fine-tune Hugging Face backbones from recipes.",
+                                     epilog=_recipes_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train a recipe", epilog=_recipes_epilog(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_train_args(train)
+    train.set_defaults(handler=train_command)
+    evaluate = commands.add_parser("eval", help="evaluate a finished run on a split")
+    evaluate.add_argument("--model", required=True, help="run folder")
+    evaluate.add_argument("--split", default="test", choices=["validation", "test"])
+    evaluate.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.path=DIR")
+    evaluate.set_defaults(handler=eval_command)
+    pred = commands.add_parser("predict", help="print labels and probabilities, one JSON line per input")
+    pred.add_argument("--model", required=True, help="run folder")
+    pred.add_argument("--input", required=True, help=".txt (one input per line) or a tsv/csv/json/jsonl/parquet file")
+    pred.set_defaults(handler=predict_command)
+    commands.add_parser("recipes", help="list the shipped recipes").set_defaults(handler=recipes_command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except RecipeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """``scripts/finetune.py``: the train command on its own."""
+    parser = argparse.ArgumentParser(prog="finetune.py", description="Train a recipe (under accelerate launch or python).",
+                                     epilog=_recipes_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_train_args(parser)
+    try:
+        return train_command(parser.parse_args(argv))
+    except RecipeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
