@@ -82,17 +82,20 @@ def build_model(recipe: Recipe, backbone_path: Path, labels: list[str] | None):
     return model.to(dtype) if dtype != torch.float32 else model
 
 
-def make_loaders(recipe: Recipe, tokenised, collator, accelerator: Accelerator):
+def make_loaders(recipe: Recipe, tokenised, collator):
     train = tokenised["train"]
     sampler = data_lib.LengthGroupedSampler(
         [len(ids) for ids in train["input_ids"]], recipe.train.batch_size, recipe.train.seed, recipe.train.group_by_length
     )
     train_loader = DataLoader(train, batch_size=recipe.train.batch_size, sampler=sampler, collate_fn=collator)
     eval_batch = recipe.train.eval_batch_size or 2 * recipe.train.batch_size
-    eval_loaders = {
-        split: DataLoader(tokenised[split], batch_size=eval_batch, collate_fn=collator)
-        for split in ("validation", "test") if split in tokenised
-    }
+    eval_loaders = {}
+    for split in ("validation", "test"):
+        if split in tokenised:  # sorted by length: evaluation order doesn't matter, padding does
+            ds = tokenised[split]
+            lengths = [len(ids) for ids in ds["input_ids"]]
+            by_length = sorted(range(len(ds)), key=lengths.__getitem__)
+            eval_loaders[split] = DataLoader(ds.select(by_length), batch_size=eval_batch, collate_fn=collator)
     return sampler, train_loader, eval_loaders
 
 
@@ -229,7 +232,7 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool | None = No
              f"{total:,}", 100 * trainable / total)
 
     collator = data_lib.make_collator(recipe, tokenizer)
-    sampler, train_loader, eval_loaders = make_loaders(recipe, tokenised, collator, accelerator)
+    sampler, train_loader, eval_loaders = make_loaders(recipe, tokenised, collator)
     optimizer = make_optimizer(model, recipe)
     model, optimizer, train_loader, *prepared_eval = accelerator.prepare(model, optimizer, train_loader, *eval_loaders.values())
     eval_loaders = dict(zip(eval_loaders, prepared_eval))
