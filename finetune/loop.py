@@ -8,6 +8,7 @@ evaluation, test it, export. The same code runs on one CPU process, under
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -210,7 +211,8 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool | None = No
         labels = data_lib.label_names(recipe, raw)
         tokenised = data_lib.tokenize(recipe, raw, tokenizer, labels)
     model = build_model(recipe, backbone_path, labels)
-    plain_model = model
+    # peft injects adapters in place: keep the untouched model to save as the adapter's base
+    base_model = copy.deepcopy(model) if recipe.policy.kind == "lora" else None
     model = apply_policy(model, recipe)
     trainable, total = count_parameters(model)
 
@@ -219,8 +221,9 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool | None = No
     if accelerator.is_main_process:
         prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
         atomic_write_text(run_dir / "recipe.yaml", recipe.to_yaml())
-        if recipe.policy.kind == "lora" and not (run_dir / "base").is_dir():
-            save_base(plain_model, run_dir)
+        if base_model is not None and not (run_dir / "base").is_dir():
+            save_base(base_model, run_dir)
+    del base_model
     accelerator.wait_for_everyone()
     _log_to_file(accelerator, run_dir)
     log.info("run folder %s (%d process%s, device %s)", run_dir, accelerator.num_processes,

@@ -1,0 +1,143 @@
+"""End-to-end training on tiny random backbones: learning, outputs, model selection, bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from conftest import tiny_recipe, write_tsv
+
+from finetune import RecipeError
+from finetune.loop import TrainingDiverged
+from finetune.predict import evaluate_run
+
+
+def test_learns_a_learnable_task_and_writes_the_run_folder(tiny_backbone, sentiment_dir, tmp_path):
+    """A one-word sentiment rule is learnt; every promised output file is there and consistent."""
+    recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path, train={"epochs": 4},
+                         eval={"metrics": ["accuracy", "f1_macro"], "primary": "accuracy"})
+    result = recipe.run()
+    assert result.metrics["validation"]["accuracy"] >= 0.9
+    assert result.metrics["test"]["accuracy"] >= 0.85
+    run = result.run_dir
+    for name in ["recipe.yaml", "metrics.jsonl", "metrics.json", "label_map.json", "README.md", "train.log",
+                 "config.json", "model.safetensors", "modeling_finetune.py", "tokenizer.json"]:
+        assert (run / name).is_file(), name
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in history] == [12, 24, 36, 48]  # 192 rows / 16 per batch, once per epoch
+    assert json.loads((run / "metrics.json").read_text())["best_step"] == result.best_step
+    assert json.loads((run / "label_map.json").read_text()) == {"0": "0", "1": "1"}
+    assert "trainable" in (run / "train.log").read_text()
+    card = (run / "README.md").read_text()
+    assert str(tiny_backbone) in card and "accuracy" in card
+
+
+def test_final_model_is_the_best_evaluation_not_the_last(tiny_backbone, sentiment_dir, tmp_path):
+    """The exported model reproduces the best evaluation's validation loss, even when later ones were worse."""
+    # lower loss is better here, and a high constant lr makes late evaluations noisy
+    recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path,
+                         train={"epochs": 6, "lr": 5e-3, "scheduler": "constant", "eval_every": 4},
+                         eval={"metrics": ["accuracy"], "primary": "loss"})
+    result = recipe.run()
+    losses = {r["step"]: r["loss"] for r in result.history}
+    assert result.best_step == min(losses, key=losses.get)
+    again = evaluate_run(result.run_dir, "validation")
+    assert again["loss"] == pytest.approx(losses[result.best_step], abs=1e-5)
+
+
+def test_early_stopping_stops_after_patience(tiny_backbone, sentiment_dir, tmp_path):
+    """With patience 1 and a metric that saturates, training ends long before max_steps."""
+    recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path,
+                         train={"max_steps": 400, "eval_every": 6, "early_stopping_patience": 1, "lr": 5e-3})
+    result = recipe.run()
+    assert result.metrics["optimizer_steps"] < 400
+    values = [r["accuracy"] for r in result.history]
+    assert values[-1] <= max(values[:-1])  # the last evaluation did not improve
+
+
+def test_text_pairs_with_string_labels(tiny_backbone, pairs_dir, tmp_path):
+    """Pairs go in as two segments; string labels keep their inferred order in the label map."""
+    recipe = tiny_recipe(tiny_backbone, pairs_dir, tmp_path, train={"epochs": 3},
+                         data={"path": str(pairs_dir), "columns": {"text": "s1", "text_pair": "s2", "label": "relation"},
+                               "max_length": 48},
+                         eval={"metrics": ["accuracy", "f1_macro", "mcc"], "primary": "f1_macro"})
+    result = recipe.run()
+    assert json.loads((result.run_dir / "label_map.json").read_text()) == {"0": "neutral", "1": "opposite", "2": "same"}
+    assert set(result.metrics["test"]) == {"loss", "accuracy", "f1_macro", "mcc"}
+
+
+def test_regression(tiny_backbone, regression_dir, tmp_path):
+    """Regression trains with MSE and reports Pearson/Spearman; the loss goes down."""
+    recipe = tiny_recipe(tiny_backbone, regression_dir, tmp_path, task="regression",
+                         data={"path": str(regression_dir), "columns": {"text": "text", "label": "score"}},
+                         train={"epochs": 4, "eval_every": 6},
+                         eval={"metrics": ["pearson", "spearman"], "primary": "pearson"})
+    result = recipe.run()
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+    assert result.metrics["test"]["pearson"] > 0.3
+
+
+def test_token_classification(tiny_backbone, ner_dir, tmp_path):
+    """Entity tagging with sub-word alignment reaches a useful entity F1 on held-out sentences."""
+    recipe = tiny_recipe(tiny_backbone, ner_dir, tmp_path, task="token_classification",
+                         data={"path": str(ner_dir), "columns": {"tokens": "tokens", "tags": "ner_tags"}},
+                         train={"epochs": 8, "lr": 5e-3},
+                         eval={"metrics": ["entity_f1", "entity_precision"], "primary": "entity_f1"})
+    result = recipe.run()
+    assert result.metrics["test"]["entity_f1"] > 0.5
+
+
+def test_existing_run_is_refused_without_overwrite(tiny_backbone, sentiment_dir, tmp_path):
+    """A second run into the same folder fails before touching it; --overwrite replaces it."""
+    recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path, train={"max_steps": 2})
+    first = recipe.run()
+    before = (first.run_dir / "model.safetensors").read_bytes()
+    with pytest.raises(RecipeError, match="already holds a run"):
+        recipe.run()
+    assert (first.run_dir / "model.safetensors").read_bytes() == before
+    recipe.run(overwrite=True)
+    with pytest.raises(RecipeError, match="no checkpoints/last"):
+        tiny_recipe(tiny_backbone, sentiment_dir, tmp_path / "other", train={"max_steps": 2}).run(resume=True)
+
+
+def test_bad_data_fails_before_the_run_folder_exists(tiny_backbone, tmp_path):
+    """A label outside data.labels is named in the error, and no run folder is created."""
+    data = tmp_path / "data"
+    data.mkdir()
+    write_tsv(data / "train.tsv", ["sentence", "label"], [["good film", "pos"], ["bad film", "neg"]])
+    write_tsv(data / "validation.tsv", ["sentence", "label"], [["fine film", "pos"], ["dull", "meh"]])
+    write_tsv(data / "test.tsv", ["sentence", "label"], [["nice", "pos"]])
+    recipe = tiny_recipe(tiny_backbone, data, tmp_path, data={"path": str(data), "labels": ["neg", "pos"]})
+    with pytest.raises(RecipeError, match="'meh' not in the label set"):
+        recipe.run()
+    assert not (tmp_path / "run").exists()
+
+
+def test_max_length_above_model_limit_is_refused(tiny_backbone, sentiment_dir, tmp_path):
+    """max_length beyond what the backbone can embed is an error naming the field."""
+    recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path, data={"path": str(sentiment_dir), "max_length": 4096})
+    with pytest.raises(RecipeError, match="data.max_length=4096"):
+        recipe.run()
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_backbone, tmp_path):
+    """A NaN target makes the loss NaN: the run stops naming the step; the checkpoint before it survives."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [[f"the film number {i}", str(i % 3)] for i in range(64)]
+    rows[40][1] = "nan"
+    write_tsv(data / "train.tsv", ["text", "score"], rows)
+    write_tsv(data / "validation.tsv", ["text", "score"], rows[:8])
+    recipe = tiny_recipe(tiny_backbone, data, tmp_path, task="regression",
+                         data={"path": str(data), "columns": {"text": "text", "label": "score"},
+                               "splits": {"test": None}},
+                         train={"epochs": 1, "batch_size": 4, "checkpoint_every": 1, "group_by_length": False},
+                         eval={"metrics": ["pearson"], "primary": "pearson"})
+    with pytest.raises(TrainingDiverged, match=r"at step \d+") as info:
+        recipe.run()
+    step = int(re.search(r"at step (\d+)", str(info.value)).group(1))
+    assert step > 1
+    state = json.loads((tmp_path / "run" / "checkpoints" / "last" / "train_state.json").read_text())
+    assert state["global_step"] == step - 1
+    assert not (tmp_path / "run" / "model.safetensors").exists()  # no model exported from a diverged run
