@@ -88,7 +88,10 @@ def make_loaders(recipe: Recipe, tokenised, collator):
     sampler = data_lib.LengthGroupedSampler(
         [len(ids) for ids in train["input_ids"]], recipe.train.batch_size, recipe.train.seed, recipe.train.group_by_length
     )
-    train_loader = DataLoader(train, batch_size=recipe.train.batch_size, sampler=sampler, collate_fn=collator)
+    # A private generator: creating a loader iterator must not draw from the global RNG, or a resumed
+    # run (which creates its iterator at another time) would get different dropout masks.
+    train_loader = DataLoader(train, batch_size=recipe.train.batch_size, sampler=sampler, collate_fn=collator,
+                              generator=torch.Generator().manual_seed(recipe.train.seed))
     eval_batch = recipe.train.eval_batch_size or 2 * recipe.train.batch_size
     eval_loaders = {}
     for split in ("validation", "test"):
@@ -235,7 +238,7 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool | None = No
              f"{total:,}", 100 * trainable / total)
 
     collator = data_lib.make_collator(recipe, tokenizer)
-    sampler, train_loader, eval_loaders = make_loaders(recipe, tokenised, collator)
+    _, train_loader, eval_loaders = make_loaders(recipe, tokenised, collator)
     optimizer = make_optimizer(model, recipe)
     model, optimizer, train_loader, *prepared_eval = accelerator.prepare(model, optimizer, train_loader, *eval_loaders.values())
     eval_loaders = dict(zip(eval_loaders, prepared_eval))
@@ -304,8 +307,8 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool | None = No
     running_loss, losses_in_window = torch.zeros((), device=accelerator.device), 0
     evaluated_at = history[-1]["step"] if history else -1
     while state.global_step < total_steps and not stop:
-        sampler.set_epoch(state.epoch)
         loader = accelerator.skip_first_batches(train_loader, state.batches_in_epoch) if state.batches_in_epoch else train_loader
+        loader.set_epoch(state.epoch)  # Accelerate's loader passes the epoch on to our sampler when iterated
         for batch in loader:
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
