@@ -9,11 +9,12 @@ Python attribute assignment.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class RecipeError(ValueError):
@@ -117,6 +118,16 @@ class DataConfig(Strict):
     """Split names."""
     labels: list[str] | None = None
     """Label names in id order; inferred from the training split when omitted."""
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels_as_text(cls, value):
+        # YAML reads `[0, 1]` as numbers; label names are text, as in the data files
+        if isinstance(value, list):
+            if any(isinstance(v, bool) for v in value):
+                raise ValueError("label names must be text; quote yes/no/true/false, e.g. ['yes', 'no']")
+            return [str(v) if isinstance(v, (int, float)) else v for v in value]
+        return value
     max_length: int = Field(default=128, gt=0)
     """Truncate inputs to this many tokens (batches are padded per batch, never to this)."""
     max_train_samples: int | None = Field(default=None, gt=0)
@@ -287,6 +298,9 @@ def _suggest(key: str) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """Split ``key=value``; the value is parsed as a YAML scalar or list (never evaluated)."""
     if "=" not in text:
@@ -299,6 +313,8 @@ def parse_override(text: str) -> tuple[str, Any]:
         parsed = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError as err:
         raise RecipeError(f"override {key}: cannot parse value {value!r}: {err}") from None
+    if isinstance(parsed, str) and FLOAT.fullmatch(parsed.strip()):
+        parsed = float(parsed)  # YAML 1.1 reads 3e-4 (no dot) as text; users mean a number
     return key, parsed
 
 

@@ -46,6 +46,16 @@ def _split_files(cfg: DataConfig, root: Path) -> dict[str, tuple[str, Path]]:
     return files
 
 
+def _has_no_rows(file: Path, fmt: str) -> bool:
+    """True for an empty file or a csv/tsv with only a header (``datasets`` fails on those obscurely)."""
+    if fmt == "parquet":
+        return False
+    with open(file, encoding="utf-8", errors="replace") as f:
+        lines = (line for line in f if line.strip())
+        needed = 2 if fmt in ("csv", "tsv") else 1
+        return sum(1 for _, _ in zip(range(needed), lines)) < needed
+
+
 def load_splits(cfg: DataConfig) -> datasets.DatasetDict:
     """Load train/validation(/test) as a DatasetDict keyed by those logical names."""
     path = Path(expand_path(cfg.path))
@@ -55,6 +65,9 @@ def load_splits(cfg: DataConfig) -> datasets.DatasetDict:
         if len(formats) > 1:
             raise RecipeError(f"data.path: split files in {path} mix formats {sorted(formats)}")
         fmt = formats.pop()
+        for split, (_, file) in files.items():
+            if _has_no_rows(file, fmt):
+                raise RecipeError(f"data: split '{split}' ({file}) is empty")
         data_files = {name: str(file) for name, (_, file) in files.items()}
         builder, kwargs = {
             "tsv": ("csv", {"delimiter": "\t", "keep_default_na": False}),

@@ -193,7 +193,8 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool | None = No
         RecipeError: invalid data, labels, backbone or policy (before the run folder is touched).
         TrainingDiverged: the loss became NaN/inf (the last good checkpoint is kept).
     """
-    recipe = recipe.model_copy(deep=True)
+    # Validate again as a whole: attribute assignment checks one field, not how sections fit together.
+    recipe = Recipe.from_dict(recipe.to_dict())
     accelerator = Accelerator(
         gradient_accumulation_steps=recipe.train.gradient_accumulation_steps,
         mixed_precision=recipe.train.mixed_precision,

@@ -144,10 +144,29 @@ def test_override_values_are_never_evaluated(recipe):
         recipe.with_overrides(['name=!!python/object/apply:os.system ["echo hacked"]'])
 
 
-@pytest.mark.xfail(strict=True, reason="bug: YAML-typed override data.labels=[0,1] gives ints, which str fields reject")
 def test_numeric_label_names_override(recipe):
     """Numeric-looking label names (SST-2's 0/1) given as an override become strings."""
     assert recipe.with_overrides(["data.labels=[0,1]"]).data.labels == ["0", "1"]
+
+
+def test_boolean_looking_label_names_must_be_quoted(recipe):
+    """yes/no read as booleans by YAML: the error says to quote them instead of guessing a spelling."""
+    with pytest.raises(RecipeError, match="quote yes/no"):
+        recipe.with_overrides(["data.labels=[yes,no]"])
+    assert recipe.with_overrides(["data.labels=['yes','no']"]).data.labels == ["yes", "no"]
+
+
+def test_exponent_without_dot_is_a_number(recipe):
+    """YAML 1.1 reads 1e3 as text; overrides read it as the number the user meant."""
+    assert recipe.with_overrides(["train.eval_every=1e3"]).train.eval_every == 1000
+    assert recipe.with_overrides(["train.lr=3e-4"]).train.lr == pytest.approx(3e-4)
+
+
+def test_run_revalidates_cross_section_rules(recipe):
+    """Assignment that breaks a rule spanning sections is caught when the run starts, before any work."""
+    recipe.eval.metrics = ["f1"]  # primary stays 'accuracy'
+    with pytest.raises(RecipeError, match="eval.primary"):
+        recipe.run()
 
 
 # --- errors name the key -------------------------------------------------------------------

@@ -154,7 +154,6 @@ def test_missing_split_file_names_the_split(sentiment_dir, tmp_path):
     assert set(raw) == {"train", "validation"}
 
 
-@pytest.mark.xfail(strict=True, reason="bug: datasets raises a bare ValueError for a header-only file before the empty check")
 def test_empty_split_is_an_error(sentiment_dir, tmp_path):
     """A split file with only a header row is reported as an empty split."""
     folder = tmp_path / "data"
