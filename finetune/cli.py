@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -38,12 +39,11 @@ def train_command(args: argparse.Namespace) -> int:
     recipe = Recipe.from_yaml(recipes.recipe_path(args.recipe), overrides=overrides)
     if args.resume and not recipe.output.dir:
         raise RecipeError("--resume needs output.dir=RUN_DIR naming the run to continue")
-    from accelerate import PartialState
-
-    if PartialState().is_main_process:
+    main_process = os.environ.get("RANK", "0") == "0"
+    if main_process:
         print("# resolved recipe\n" + recipe.to_yaml(), flush=True)
     result = recipe.run(resume=args.resume, overwrite=args.overwrite or None)
-    if PartialState().is_main_process:
+    if main_process:
         print(json.dumps({"run_dir": str(result.run_dir), **result.metrics}))
     return 0
 

@@ -133,7 +133,9 @@ class DataConfig(Strict):
     max_train_samples: int | None = Field(default=None, gt=0)
     """Seeded random subsample of the training split, for quick runs."""
     max_eval_samples: int | None = Field(default=None, gt=0)
-    """Seeded random subsample of the validation and test splits."""
+    """Seeded random subsample of the validation split (model selection during training)."""
+    max_test_samples: int | None = Field(default=None, gt=0)
+    """Seeded random subsample of the test split."""
     subsample_seed: int = 0
     """Seed for the subsamples."""
 

@@ -93,7 +93,7 @@ def load_splits(cfg: DataConfig) -> datasets.DatasetDict:
     for split, ds in raw.items():
         if len(ds) == 0:
             raise RecipeError(f"data: split '{split}' ({cfg.splits.model_dump()[split]}) is empty")
-    limits = {"train": cfg.max_train_samples, "validation": cfg.max_eval_samples, "test": cfg.max_eval_samples}
+    limits = {"train": cfg.max_train_samples, "validation": cfg.max_eval_samples, "test": cfg.max_test_samples}
     for split, limit in limits.items():
         if split in raw and limit and limit < len(raw[split]):
             raw[split] = raw[split].shuffle(seed=cfg.subsample_seed).select(range(limit))

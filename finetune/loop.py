@@ -12,6 +12,7 @@ import copy
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,6 +24,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoTokenizer, get_scheduler
+from transformers.utils import logging as transformers_logging
 
 from finetune import data as data_lib
 from finetune.backbones import default_pooling, resolve_backbone
@@ -75,10 +77,14 @@ def build_model(recipe: Recipe, backbone_path: Path, labels: list[str] | None):
     model = model_class(config)
     if cfg.pretrained:
         kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+        verbosity = transformers_logging.get_verbosity()
+        transformers_logging.set_verbosity_error()  # the skipped pooler is expected; its load report is noise
         try:
             model.backbone = AutoModel.from_pretrained(backbone_path, add_pooling_layer=False, **kwargs)
         except TypeError:
             model.backbone = AutoModel.from_pretrained(backbone_path, **kwargs)
+        finally:
+            transformers_logging.set_verbosity(verbosity)
     dtype = getattr(torch, cfg.dtype)
     return model.to(dtype) if dtype != torch.float32 else model
 
@@ -182,6 +188,16 @@ def _default_run_dir(recipe: Recipe, accelerator: Accelerator) -> Path:
     return Path("runs") / f"{recipe.name}-{stamp[0]}"
 
 
+def _multi_process_without_accelerator() -> bool:
+    """`accelerate launch --multi_gpu --num_processes N` on a machine without GPUs: DDP on CPU (gloo).
+
+    Accelerate only picks its multi-CPU backend when told the run is on CPU; otherwise each
+    process would silently train alone and all of them would write the same run folder.
+    """
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return several and not torch.cuda.is_available() and not (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
 def _improved(value: float, best: float | None, greater_is_better: bool) -> bool:
     return best is None or (value > best if greater_is_better else value < best)
 
@@ -196,6 +212,7 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool | None = No
     # Validate again as a whole: attribute assignment checks one field, not how sections fit together.
     recipe = Recipe.from_dict(recipe.to_dict())
     accelerator = Accelerator(
+        cpu=_multi_process_without_accelerator(),
         gradient_accumulation_steps=recipe.train.gradient_accumulation_steps,
         mixed_precision=recipe.train.mixed_precision,
         log_with=recipe.output.report_to or None,

@@ -177,8 +177,8 @@ def test_max_train_samples_is_a_seeded_subsample(sentiment_dir, tmp_path):
     assert a["train"]["sentence"] != c["train"]["sentence"]
     assert set(a["train"]["sentence"]) <= set(full["train"]["sentence"])
     assert a["train"]["sentence"] != full["train"]["sentence"][:50]  # random, not the head of the file
-    evals = load(0, max_eval_samples=10, max_train_samples=500)
-    assert [len(evals[s]) for s in ("train", "validation", "test")] == [192, 10, 10]
+    evals = load(0, max_eval_samples=10, max_test_samples=7, max_train_samples=500)
+    assert [len(evals[s]) for s in ("train", "validation", "test")] == [192, 10, 7]
 
 
 def test_tsv_quoting_and_na_strings(tmp_path):
