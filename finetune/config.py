@@ -175,6 +175,8 @@ class TrainConfig(Strict):
     """Save a resumable training state every N optimizer steps (always saved at each evaluation)."""
     log_every: int = Field(default=10, gt=0)
     """Log loss and learning rate every N optimizer steps."""
+    cpu_threads: int | None = Field(default=None, gt=0)
+    """Torch threads per process when training on CPU (default: available cores / processes)."""
 
     @model_validator(mode="after")
     def _positive_eval_interval(self) -> "TrainConfig":

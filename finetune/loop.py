@@ -219,6 +219,10 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool | None = No
     )
     set_seed(recipe.train.seed)
     _setup_logging(accelerator)
+    if accelerator.device.type == "cpu":
+        # `accelerate launch` sets OMP_NUM_THREADS=1 even for one process, which halves CPU speed
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(recipe.train.cpu_threads or max(1, cores // accelerator.num_processes))
 
     # Build everything first: bad input fails here, before anything is written.
     backbone_path = resolve_backbone(recipe.backbone)
@@ -247,8 +251,8 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool | None = No
     del base_model
     accelerator.wait_for_everyone()
     _log_to_file(accelerator, run_dir)
-    log.info("run folder %s (%d process%s, device %s)", run_dir, accelerator.num_processes,
-             "es" if accelerator.num_processes > 1 else "", accelerator.device)
+    log.info("run folder %s (%d process%s, device %s, %d threads)", run_dir, accelerator.num_processes,
+             "es" if accelerator.num_processes > 1 else "", accelerator.device, torch.get_num_threads())
     log.info("backbone %s from %s (%s, pooling %s)", recipe.backbone.name, backbone_path,
              "pretrained" if recipe.backbone.pretrained else "random init", recipe.head.pooling)
     log.info("data: %s", ", ".join(f"{split} {len(ds):,} rows" for split, ds in tokenised.items()))
