@@ -198,6 +198,32 @@ def _multi_process_without_accelerator() -> bool:
     return several and not torch.cuda.is_available() and not (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
+def _on_main_process(accelerator: Accelerator, action) -> None:
+    """Run a file-system action on the main process; if it fails, every process raises the same error."""
+    error = [None]
+    if accelerator.is_main_process:
+        try:
+            action()
+        except RecipeError as err:
+            error[0] = str(err)
+    broadcast_object_list(error)  # without this, the other processes would wait forever
+    if error[0]:
+        raise RecipeError(error[0])
+
+
+def _check_same_recipe(run_dir: Path, recipe: Recipe) -> None:
+    """A resumed run must continue the same recipe, or its checkpoints would mean something else."""
+    saved = Recipe.from_yaml(run_dir / "recipe.yaml").to_dict()
+    current = recipe.to_dict()
+    saved["output"]["overwrite"] = current["output"]["overwrite"]
+    changed = [f"{section}.{key}" for section in current if isinstance(current[section], dict)
+               for key in current[section] if current[section][key] != saved.get(section, {}).get(key)]
+    changed += [key for key in current if not isinstance(current[key], dict) and current[key] != saved.get(key)]
+    if changed:
+        raise RecipeError(f"--resume: the recipe differs from the one this run started with ({', '.join(changed)}); "
+                          "resume with the same settings, or start a new run")
+
+
 def _improved(value: float, best: float | None, greater_is_better: bool) -> bool:
     return best is None or (value > best if greater_is_better else value < best)
 
@@ -243,13 +269,17 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool | None = No
 
     run_dir = _default_run_dir(recipe, accelerator)
     overwrite = recipe.output.overwrite if overwrite is None else overwrite
-    if accelerator.is_main_process:
+
+    def create_run_folder() -> None:
         prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+        if resume:
+            _check_same_recipe(run_dir, recipe)
         atomic_write_text(run_dir / "recipe.yaml", recipe.to_yaml())
         if base_model is not None and not (run_dir / "base").is_dir():
             save_base(base_model, run_dir)
+
+    _on_main_process(accelerator, create_run_folder)
     del base_model
-    accelerator.wait_for_everyone()
     _log_to_file(accelerator, run_dir)
     log.info("run folder %s (%d process%s, device %s, %d threads)", run_dir, accelerator.num_processes,
              "es" if accelerator.num_processes > 1 else "", accelerator.device, torch.get_num_threads())

@@ -48,3 +48,13 @@ def test_resume_after_interruption_gives_identical_final_weights(tiny_backbone, 
         assert torch.equal(a[name], b[name]), name
     for split in ("validation", "test"):
         assert resumed.metrics[split] == pytest.approx(straight.metrics[split])
+
+
+def test_resume_refuses_a_changed_recipe(tiny_backbone, sentiment_dir, tmp_path):
+    """Resuming with other settings would mix two runs: it is refused, naming the changed key."""
+    from finetune import RecipeError
+
+    recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path, train={"max_steps": 3, "checkpoint_every": 1})
+    recipe.run()
+    with pytest.raises(RecipeError, match=r"differs.*train\.lr"):
+        recipe.with_overrides(["train.lr=1e-2"]).run(resume=True)
