@@ -65,32 +65,37 @@ def build_backbone(config: PretrainedConfig) -> nn.Module:
 
 
 class FinetunePreTrainedModel(PreTrainedModel):
+    """Backbone (without its pooler) + ``classifier`` head; subclasses differ only in what the head reads."""
+
     config_class = FinetuneConfig
     base_model_prefix = "backbone"
     supports_gradient_checkpointing = True
     _no_split_modules = []
+
+    def __init__(self, config: FinetuneConfig):
+        super().__init__(config)
+        self.backbone = build_backbone(config.backbone_config)
+        self.classifier = Head(config.backbone_config.hidden_size, config.num_labels, config.head_type,
+                               config.head_hidden_size, config.head_dropout)
+        self.post_init()
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear) and module in set(self.classifier.modules()):
             module.weight.data.normal_(0.0, 0.02)
             module.bias.data.zero_()
 
+    def encode(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            inputs["token_type_ids"] = token_type_ids
+        return self.backbone(**inputs).last_hidden_state  # (B, T, H)
+
 
 class FinetuneForSequenceClassification(FinetunePreTrainedModel):
     """Pooled backbone output -> head. Regression when ``num_labels == 1``."""
 
-    def __init__(self, config: FinetuneConfig):
-        super().__init__(config)
-        self.backbone = build_backbone(config.backbone_config)
-        hidden = config.backbone_config.hidden_size
-        self.classifier = Head(hidden, config.num_labels, config.head_type, config.head_hidden_size, config.head_dropout)
-        self.post_init()
-
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **kwargs):
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if token_type_ids is not None:
-            inputs["token_type_ids"] = token_type_ids
-        hidden = self.backbone(**inputs).last_hidden_state  # (B, T, H)
+        hidden = self.encode(input_ids, attention_mask, token_type_ids)
         if self.config.pooling == "mean":
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
@@ -109,19 +114,8 @@ class FinetuneForSequenceClassification(FinetunePreTrainedModel):
 class FinetuneForTokenClassification(FinetunePreTrainedModel):
     """Per-token head; labels of -100 (special tokens, non-first sub-words) are ignored."""
 
-    def __init__(self, config: FinetuneConfig):
-        super().__init__(config)
-        self.backbone = build_backbone(config.backbone_config)
-        hidden = config.backbone_config.hidden_size
-        self.classifier = Head(hidden, config.num_labels, config.head_type, config.head_hidden_size, config.head_dropout)
-        self.post_init()
-
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **kwargs):
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if token_type_ids is not None:
-            inputs["token_type_ids"] = token_type_ids
-        hidden = self.backbone(**inputs).last_hidden_state  # (B, T, H)
-        logits = self.classifier(hidden)  # (B, T, num_labels)
+        logits = self.classifier(self.encode(input_ids, attention_mask, token_type_ids))  # (B, T, num_labels)
         loss = None
         if labels is not None:
             loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)

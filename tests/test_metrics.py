@@ -94,7 +94,7 @@ def test_module_kwargs_match_sklearn():
     rng = np.random.default_rng(7)
     references, predictions = rng.integers(0, 4, size=50), rng.integers(0, 4, size=50)
     for kind, score in [("f1", skm.f1_score), ("precision", skm.precision_score), ("recall", skm.recall_score)]:
-        module = metrics._load_shipped(kind)
+        module = metrics._load_shipped("precision_recall_f1")
         for kwargs in [
             {"average": "macro", "labels": [0, 2]},
             {"average": "micro", "labels": [1, 3, 5]},
@@ -203,7 +203,7 @@ def test_modules_load_once_and_share(monkeypatch):
     assert loads == []  # nothing loads before it is needed
     suite.compute([0, 1, 1], [0, 1, 0])
     MetricSuite(["f1_micro"]).compute([0, 1, 1], [0, 1, 0])
-    assert sorted(os.path.basename(p) for p in loads) == ["f1", "matthews_correlation"]
+    assert sorted(os.path.basename(p) for p in loads) == ["matthews_correlation", "precision_recall_f1"]
 
 
 def test_suite_validates_names():

@@ -27,15 +27,15 @@ class MetricSpec(NamedTuple):
 
 
 REGISTRY: dict[str, MetricSpec] = {"accuracy": MetricSpec("accuracy", {}, "accuracy")}
-for _module in ("f1", "precision", "recall"):
-    REGISTRY[_module] = MetricSpec(_module, {"average": "binary"}, _module)
+for _score in ("f1", "precision", "recall"):
+    REGISTRY[_score] = MetricSpec("precision_recall_f1", {"average": "binary"}, _score)
     for _average in ("macro", "micro", "weighted"):
-        REGISTRY[f"{_module}_{_average}"] = MetricSpec(_module, {"average": _average}, _module)
+        REGISTRY[f"{_score}_{_average}"] = MetricSpec("precision_recall_f1", {"average": _average}, _score)
 REGISTRY.update(
     matthews_correlation=MetricSpec("matthews_correlation", {}, "matthews_correlation"),
     mcc=MetricSpec("matthews_correlation", {}, "matthews_correlation"),
-    pearson=MetricSpec("pearsonr", {}, "pearsonr"),
-    spearman=MetricSpec("spearmanr", {}, "spearmanr"),
+    pearson=MetricSpec("correlation", {}, "pearsonr"),
+    spearman=MetricSpec("correlation", {}, "spearmanr"),
     entity_f1=MetricSpec("seqeval", {}, "overall_f1"),
     entity_precision=MetricSpec("seqeval", {}, "overall_precision"),
     entity_recall=MetricSpec("seqeval", {}, "overall_recall"),

@@ -1,10 +1,17 @@
-"""F1 score (binary or averaged over classes), matching sklearn.metrics.f1_score."""
+"""Precision, recall and F1 (binary or averaged over classes), matching sklearn.metrics.
+
+One module computes all three from the same counts; the recipe names f1, precision_macro,
+recall_micro, ... pick the score and the average.
+"""
 
 import datasets
 import evaluate
 import numpy as np
 
-_DESCRIPTION = "F1 = 2 * TP / (2 * TP + FP + FN), the harmonic mean of precision and recall."
+_DESCRIPTION = (
+    "precision = TP / (TP + FP), recall = TP / (TP + FN), F1 = 2 TP / (2 TP + FP + FN); "
+    "binary (of pos_label) or averaged over labels (macro, micro, weighted)."
+)
 _CITATION = "Pedregosa et al., Scikit-learn: Machine Learning in Python, JMLR 12, 2011."
 _KWARGS = """
 Args:
@@ -15,10 +22,8 @@ Args:
     pos_label (int): the positive class when average="binary". Defaults to 1.
     zero_division (float): score used where a ratio divides by zero. Defaults to 0.0.
 Returns:
-    f1 (float, or list of float when average=None)
+    precision, recall, f1 (float, or list of float when average=None)
 """
-
-# evaluate copies each module folder on its own, so this helper is repeated in precision/recall.
 
 
 def _counts(predictions, references, labels, pos_label, average):
@@ -52,7 +57,11 @@ def _average(scores, support, average):
     return float(np.average(scores[keep], weights=weights))
 
 
-class F1(evaluate.Metric):
+def _ratio(numerator, denominator, zero_division):
+    return np.where(denominator > 0, numerator / np.maximum(denominator, 1), zero_division)
+
+
+class PrecisionRecallF1(evaluate.Metric):
     def _info(self):
         return evaluate.MetricInfo(
             description=_DESCRIPTION,
@@ -65,6 +74,8 @@ class F1(evaluate.Metric):
 
     def _compute(self, predictions, references, labels=None, pos_label=1, average="binary", zero_division=0.0):
         tp, pred, true = _counts(predictions, references, labels, pos_label, average)
-        denom = pred + true
-        scores = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), zero_division)
-        return {"f1": _average(scores, true, average)}
+        return {
+            "precision": _average(_ratio(tp, pred, zero_division), true, average),
+            "recall": _average(_ratio(tp, true, zero_division), true, average),
+            "f1": _average(_ratio(2 * tp, pred + true, zero_division), true, average),
+        }
