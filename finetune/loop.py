@@ -257,6 +257,7 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool | None = No
     tokenizer = AutoTokenizer.from_pretrained(backbone_path, revision=recipe.backbone.revision,
                                               trust_remote_code=recipe.backbone.trust_remote_code)
     metrics = MetricSuite(recipe.eval.metrics)
+    metrics.load()  # an unknown metric fails now, not at the first evaluation
     with accelerator.main_process_first():  # main process tokenises, the others read its cache
         raw = data_lib.load_splits(recipe.data)
         labels = data_lib.label_names(recipe, raw)
