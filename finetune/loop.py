@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.tracking import filter_trackers
 from accelerate.utils import broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -241,7 +242,6 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool | None = No
         cpu=_multi_process_without_accelerator(),
         gradient_accumulation_steps=recipe.train.gradient_accumulation_steps,
         mixed_precision=recipe.train.mixed_precision,
-        log_with=recipe.output.report_to or None,
     )
     set_seed(recipe.train.seed)
     _setup_logging(accelerator)
@@ -269,6 +269,15 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool | None = No
     trainable, total = count_parameters(model)
 
     run_dir = _default_run_dir(recipe, accelerator)
+    if recipe.output.report_to:  # trackers write under the run folder, known only now
+        accelerator.project_configuration.set_directories(str(run_dir))
+        try:
+            accelerator.log_with = filter_trackers(recipe.output.report_to, accelerator.logging_dir)
+        except (ValueError, ImportError) as err:
+            raise RecipeError(f"output.report_to: {err}") from None
+        missing = sorted(set(recipe.output.report_to) - {str(t) for t in accelerator.log_with})
+        if missing:  # Accelerate skips trackers whose package is missing; a user asking for one wants to know
+            raise RecipeError(f"output.report_to: {missing} requested but not installed (pip install {' '.join(missing)})")
     overwrite = recipe.output.overwrite if overwrite is None else overwrite
 
     def create_run_folder() -> None:

@@ -141,3 +141,35 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_ba
     state = json.loads((tmp_path / "run" / "checkpoints" / "last" / "train_state.json").read_text())
     assert state["global_step"] == step - 1
     assert not (tmp_path / "run" / "model.safetensors").exists()  # no model exported from a diverged run
+
+
+def test_tensorboard_tracker_writes_under_the_run_folder(tiny_backbone, sentiment_dir, tmp_path):
+    """report_to: [tensorboard] logs training loss and validation metrics as event files in the run folder."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path, train={"max_steps": 6, "eval_every": 3},
+                         output={"dir": str(tmp_path / "run"), "report_to": ["tensorboard"]})
+    result = recipe.run()
+    events = list(result.run_dir.rglob("events.out.tfevents.*"))
+    assert events
+    tags = set()
+    for event_file in events:
+        accumulator = EventAccumulator(str(event_file))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    assert {"train/loss", "validation/accuracy"} <= tags
+
+
+def test_unknown_tracker_is_refused(tiny_backbone, sentiment_dir, tmp_path):
+    """A tracker name Accelerate doesn't know is an error naming output.report_to."""
+    recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path, output={"dir": str(tmp_path / "run"), "report_to": ["nosuch"]})
+    with pytest.raises(RecipeError, match="output.report_to"):
+        recipe.run()
+    assert not (tmp_path / "run").exists()
+
+
+def test_bf16_autocast_on_cpu_trains(tiny_backbone, sentiment_dir, tmp_path):
+    """mixed_precision=bf16 runs on CPU (autocast) and still learns the one-word rule."""
+    recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path, train={"epochs": 4, "mixed_precision": "bf16"})
+    result = recipe.run()
+    assert result.metrics["validation"]["accuracy"] >= 0.85
