@@ -1,4 +1,4 @@
-"""Find a backbone (local folder, Hugging Face cache, local mirror or hub) and build the model.
+"""Find a backbone (local folder, Hugging Face cache, local mirror or hub) and build the model on it.
 
 Offline resolution order for ``backbone.name``:
   1. an existing local folder;
@@ -19,7 +19,13 @@ from pathlib import Path
 
 import yaml
 
-from finetune.config import BackboneConfig, RecipeError
+import torch
+from accelerate.utils import set_seed
+from transformers import AutoConfig, AutoModel
+from transformers.utils import logging as transformers_logging
+
+from finetune.config import BackboneConfig, Recipe, RecipeError
+from finetune.modeling import FinetuneConfig, FinetuneForSequenceClassification, FinetuneForTokenClassification
 
 log = logging.getLogger(__name__)
 
@@ -103,3 +109,33 @@ def default_pooling(path: Path) -> str:
         if modes.get("pooling_mode_mean_tokens"):
             return "mean"
     return "cls"
+
+
+def build_model(recipe: Recipe, backbone_path: Path, labels: list[str] | None):
+    """Backbone (pretrained or random) + head, as one ``PreTrainedModel``; the head is seeded by train.seed."""
+    cfg = recipe.backbone
+    backbone_config = AutoConfig.from_pretrained(backbone_path, trust_remote_code=cfg.trust_remote_code)
+    num_labels = len(labels) if labels else 1
+    config = FinetuneConfig(
+        backbone_config=backbone_config, task=recipe.task, pooling=recipe.head.pooling,
+        head_type=recipe.head.type, head_hidden_size=recipe.head.hidden_size, head_dropout=recipe.head.dropout,
+        num_labels=num_labels,
+        id2label={i: name for i, name in enumerate(labels)} if labels else {0: "score"},
+        label2id={name: i for i, name in enumerate(labels)} if labels else {"score": 0},
+        problem_type="regression" if recipe.task == "regression" else None,
+    )
+    model_class = FinetuneForTokenClassification if recipe.task == "token_classification" else FinetuneForSequenceClassification
+    set_seed(recipe.train.seed)  # the head's initialisation depends only on the seed
+    model = model_class(config)
+    if cfg.pretrained:
+        kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+        verbosity = transformers_logging.get_verbosity()
+        transformers_logging.set_verbosity_error()  # the skipped pooler is expected; its load report is noise
+        try:
+            model.backbone = AutoModel.from_pretrained(backbone_path, add_pooling_layer=False, **kwargs)
+        except TypeError:
+            model.backbone = AutoModel.from_pretrained(backbone_path, **kwargs)
+        finally:
+            transformers_logging.set_verbosity(verbosity)
+    dtype = getattr(torch, cfg.dtype)
+    return model.to(dtype) if dtype != torch.float32 else model

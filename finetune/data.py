@@ -13,7 +13,7 @@ from pathlib import Path
 
 import datasets
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding
 
 from finetune.config import DataConfig, Recipe, RecipeError
@@ -230,3 +230,24 @@ class LengthGroupedSampler(Sampler[int]):
 
 def steps_per_epoch(num_examples: int, batch_size: int, processes: int, accumulation: int) -> int:
     return max(1, math.ceil(math.ceil(num_examples / (batch_size * processes)) / accumulation))
+
+
+def make_loaders(recipe: Recipe, tokenised: datasets.DatasetDict, collator) -> tuple[DataLoader, dict[str, DataLoader]]:
+    """The training loader (length-grouped, seeded) and evaluation loaders (sorted by length)."""
+    train = tokenised["train"]
+    sampler = LengthGroupedSampler(
+        [len(ids) for ids in train["input_ids"]], recipe.train.batch_size, recipe.train.seed, recipe.train.group_by_length
+    )
+    # A private generator: creating a loader iterator must not draw from the global RNG, or a resumed
+    # run (which creates its iterator at another time) would get different dropout masks.
+    train_loader = DataLoader(train, batch_size=recipe.train.batch_size, sampler=sampler, collate_fn=collator,
+                              generator=torch.Generator().manual_seed(recipe.train.seed))
+    eval_batch = recipe.train.eval_batch_size or 2 * recipe.train.batch_size
+    eval_loaders = {}
+    for split in ("validation", "test"):
+        if split in tokenised:  # sorted by length: evaluation order doesn't matter, padding does
+            ds = tokenised[split]
+            lengths = [len(ids) for ids in ds["input_ids"]]
+            by_length = sorted(range(len(ds)), key=lengths.__getitem__)
+            eval_loaders[split] = DataLoader(ds.select(by_length), batch_size=eval_batch, collate_fn=collator)
+    return train_loader, eval_loaders

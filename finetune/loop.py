@@ -1,8 +1,8 @@
 """The training loop: one readable loop on Accelerate.
 
-``run_recipe`` reads as the story of a run: build everything (and fail on bad input
-before anything is written), train with periodic evaluation, restore the best
-evaluation, test it, export. The same code runs on one CPU process, under
+``run_recipe`` reads as the story of a run: build everything (bad input fails before anything
+is written), open the run folder, train with periodic evaluation, then restore the best
+evaluation, test it and export it. The same code runs on one CPU process, under
 ``accelerate launch --multi_gpu --num_processes N`` (DDP; gloo on CPU) and on GPUs.
 """
 
@@ -22,21 +22,19 @@ import torch
 from accelerate import Accelerator
 from accelerate.tracking import filter_trackers
 from accelerate.utils import broadcast_object_list, set_seed
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModel, AutoTokenizer, get_scheduler
-from transformers.utils import logging as transformers_logging
+from transformers import AutoTokenizer, get_scheduler
 
 from finetune import data as data_lib
-from finetune.backbones import default_pooling, resolve_backbone
+from finetune.backbones import build_model, default_pooling, resolve_backbone
 from finetune.config import Recipe, RecipeError
 from finetune.metrics import MetricSuite, greater_is_better
-from finetune.modeling import FinetuneConfig, FinetuneForSequenceClassification, FinetuneForTokenClassification
 from finetune.policies import apply_policy, count_parameters
-from finetune.runs import (RunResult, atomic_write_text, export_model, load_trainable, prepare_run_dir, replace_dir,
-                           save_base, save_trainable, write_model_card)
+from finetune.runs import (RunResult, atomic_write_text, check_same_recipe, export_model, load_trainable,
+                           prepare_run_dir, replace_dir, save_base, save_trainable, write_model_card)
 
 log = logging.getLogger("finetune")
+LOG_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
 
 
 class TrainingDiverged(RuntimeError):
@@ -57,57 +55,20 @@ class TrainState:
     samples_seen: int = 0
 
 
-# --- building ----------------------------------------------------------------------
+def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool | None = None) -> RunResult:
+    """Train a recipe end to end; see ``Recipe.run``.
+
+    Raises:
+        RecipeError: invalid data, labels, backbone, policy or run folder (before anything is written).
+        TrainingDiverged: the loss became NaN/inf (the last good checkpoint is kept).
+    """
+    run = Run(recipe)
+    run.open_folder(resume=resume, overwrite=recipe.output.overwrite if overwrite is None else overwrite)
+    run.train()
+    return run.finish()
 
 
-def build_model(recipe: Recipe, backbone_path: Path, labels: list[str] | None):
-    """Backbone (pretrained or random) + head, as one ``PreTrainedModel``."""
-    cfg = recipe.backbone
-    backbone_config = AutoConfig.from_pretrained(backbone_path, trust_remote_code=cfg.trust_remote_code)
-    num_labels = len(labels) if labels else 1
-    config = FinetuneConfig(
-        backbone_config=backbone_config, task=recipe.task, pooling=recipe.head.pooling,
-        head_type=recipe.head.type, head_hidden_size=recipe.head.hidden_size, head_dropout=recipe.head.dropout,
-        num_labels=num_labels,
-        id2label={i: name for i, name in enumerate(labels)} if labels else {0: "score"},
-        label2id={name: i for i, name in enumerate(labels)} if labels else {"score": 0},
-        problem_type="regression" if recipe.task == "regression" else None,
-    )
-    model_class = FinetuneForTokenClassification if recipe.task == "token_classification" else FinetuneForSequenceClassification
-    set_seed(recipe.train.seed)  # the head's initialisation depends only on the seed
-    model = model_class(config)
-    if cfg.pretrained:
-        kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
-        verbosity = transformers_logging.get_verbosity()
-        transformers_logging.set_verbosity_error()  # the skipped pooler is expected; its load report is noise
-        try:
-            model.backbone = AutoModel.from_pretrained(backbone_path, add_pooling_layer=False, **kwargs)
-        except TypeError:
-            model.backbone = AutoModel.from_pretrained(backbone_path, **kwargs)
-        finally:
-            transformers_logging.set_verbosity(verbosity)
-    dtype = getattr(torch, cfg.dtype)
-    return model.to(dtype) if dtype != torch.float32 else model
-
-
-def make_loaders(recipe: Recipe, tokenised, collator):
-    train = tokenised["train"]
-    sampler = data_lib.LengthGroupedSampler(
-        [len(ids) for ids in train["input_ids"]], recipe.train.batch_size, recipe.train.seed, recipe.train.group_by_length
-    )
-    # A private generator: creating a loader iterator must not draw from the global RNG, or a resumed
-    # run (which creates its iterator at another time) would get different dropout masks.
-    train_loader = DataLoader(train, batch_size=recipe.train.batch_size, sampler=sampler, collate_fn=collator,
-                              generator=torch.Generator().manual_seed(recipe.train.seed))
-    eval_batch = recipe.train.eval_batch_size or 2 * recipe.train.batch_size
-    eval_loaders = {}
-    for split in ("validation", "test"):
-        if split in tokenised:  # sorted by length: evaluation order doesn't matter, padding does
-            ds = tokenised[split]
-            lengths = [len(ids) for ids in ds["input_ids"]]
-            by_length = sorted(range(len(ds)), key=lengths.__getitem__)
-            eval_loaders[split] = DataLoader(ds.select(by_length), batch_size=eval_batch, collate_fn=collator)
-    return sampler, train_loader, eval_loaders
+# --- building blocks ------------------------------------------------------------------
 
 
 def make_optimizer(model, recipe: Recipe) -> torch.optim.Optimizer:
@@ -158,10 +119,237 @@ def evaluate(model, loader, accelerator: Accelerator, recipe: Recipe, metrics: M
     return {"loss": loss.item(), **metrics.compute(predictions=predictions, references=references)}
 
 
-# --- the run ---------------------------------------------------------------------------
+class Run:
+    """One training run: its parts, its folder, its state."""
+
+    def __init__(self, recipe: Recipe):
+        # Validate again as a whole: attribute assignment checks one field, not how sections fit together.
+        self.recipe = recipe = Recipe.from_dict(recipe.to_dict())
+        self.accelerator = accelerator = Accelerator(
+            cpu=_multi_process_without_accelerator(),
+            gradient_accumulation_steps=recipe.train.gradient_accumulation_steps,
+            mixed_precision=recipe.train.mixed_precision,
+        )
+        set_seed(recipe.train.seed)
+        _setup_logging(accelerator)
+        if accelerator.device.type == "cpu":
+            # `accelerate launch` sets OMP_NUM_THREADS=1 even for one process, which halves CPU speed
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            torch.set_num_threads(recipe.train.cpu_threads or max(1, cores // accelerator.num_processes))
+
+        self.backbone_path = resolve_backbone(recipe.backbone)
+        if recipe.head.pooling == "auto":
+            recipe.head.pooling = default_pooling(self.backbone_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.backbone_path, revision=recipe.backbone.revision,
+                                                       trust_remote_code=recipe.backbone.trust_remote_code)
+        self.metrics = MetricSuite(recipe.eval.metrics)
+        self.metrics.load()  # an unknown metric fails now, not at the first evaluation
+        with accelerator.main_process_first():  # the main process tokenises, the others read its cache
+            raw = data_lib.load_splits(recipe.data)
+            self.labels = data_lib.label_names(recipe, raw)
+            self.tokenised = data_lib.tokenize(recipe, raw, self.tokenizer, self.labels)
+        model = build_model(recipe, self.backbone_path, self.labels)
+        # peft injects adapters in place: keep the untouched model to save as the adapter's base
+        self.base_model = copy.deepcopy(model) if recipe.policy.kind == "lora" else None
+        self.model = apply_policy(model, recipe)
+        self.trainable, self.total = count_parameters(self.model)
+
+        self.run_dir = _default_run_dir(recipe, accelerator)
+        self.last_dir = self.run_dir / "checkpoints" / "last"
+        self.best_path = self.run_dir / "checkpoints" / "best.safetensors"
+        _set_trackers(accelerator, recipe, self.run_dir)
+        self.state, self.history = TrainState(), []
+
+    # --- setting up ---------------------------------------------------------------------
+
+    def open_folder(self, resume: bool, overwrite: bool) -> None:
+        """Create (or reopen, or replace) the run folder, then prepare model, data and optimizer."""
+        recipe, accelerator, run_dir = self.recipe, self.accelerator, self.run_dir
+
+        def create() -> None:
+            prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+            if resume:
+                check_same_recipe(run_dir, recipe)
+            atomic_write_text(run_dir / "recipe.yaml", recipe.to_yaml())
+            (run_dir / "checkpoints").mkdir(exist_ok=True)
+            if self.base_model is not None and not (run_dir / "base").is_dir():
+                save_base(self.base_model, run_dir)
+
+        _on_main_process(accelerator, create)
+        self.base_model = None
+        _log_to_file(accelerator, run_dir)
+        log.info("run folder %s (%d process%s, device %s, %d threads)", run_dir, accelerator.num_processes,
+                 "es" if accelerator.num_processes > 1 else "", accelerator.device, torch.get_num_threads())
+        log.info("backbone %s from %s (%s, pooling %s)", recipe.backbone.name, self.backbone_path,
+                 "pretrained" if recipe.backbone.pretrained else "random init", recipe.head.pooling)
+        log.info("data: %s", ", ".join(f"{split} {len(ds):,} rows" for split, ds in self.tokenised.items()))
+        log.info("policy %s: %s trainable of %s parameters (%.2f%%)", recipe.policy.kind, f"{self.trainable:,}",
+                 f"{self.total:,}", 100 * self.trainable / self.total)
+
+        train_loader, eval_loaders = data_lib.make_loaders(recipe, self.tokenised, data_lib.make_collator(recipe, self.tokenizer))
+        optimizer = make_optimizer(self.model, recipe)
+        self.model, self.optimizer, self.train_loader, *prepared = accelerator.prepare(
+            self.model, optimizer, train_loader, *eval_loaders.values())
+        self.eval_loaders = dict(zip(eval_loaders, prepared))
+
+        cfg = recipe.train
+        self.steps_per_epoch = math.ceil(len(self.train_loader) / cfg.gradient_accumulation_steps)
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
+        # Stepped by hand once per optimizer step (a prepared scheduler steps once per process),
+        # so its step counts are the loop's.
+        self.scheduler = get_scheduler(
+            {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.scheduler],
+            self.optimizer, num_warmup_steps=int(cfg.warmup_ratio * self.total_steps), num_training_steps=self.total_steps,
+        )
+        accelerator.register_for_checkpointing(self.scheduler)
+        if resume:
+            self._restore()
+        accelerator.init_trackers(recipe.name, config={k: str(v) for k, v in recipe.to_dict()["train"].items()})
+
+    def _restore(self) -> None:
+        self.accelerator.load_state(str(self.last_dir))
+        self.state = TrainState(**json.loads((self.last_dir / "train_state.json").read_text()))
+        records = self.run_dir / "metrics.jsonl"
+        lines = records.read_text().splitlines() if records.exists() else []
+        # evaluations written after the checkpoint will be run again
+        self.history = [r for r in map(json.loads, filter(None, lines)) if r["step"] <= self.state.global_step]
+        if self.accelerator.is_main_process:
+            atomic_write_text(records, "".join(json.dumps(r) + "\n" for r in self.history))
+        log.info("resumed at step %d (epoch %d)", self.state.global_step, self.state.epoch)
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def train(self) -> None:
+        accelerator, cfg, state, model = self.accelerator, self.recipe.train, self.state, self.model
+        model.train()
+        progress = tqdm(total=self.total_steps, initial=state.global_step, desc="training",
+                        disable=not accelerator.is_local_main_process)
+        started = time.perf_counter() - state.train_seconds - state.eval_seconds
+        running_loss, losses_in_window, stop = torch.zeros((), device=accelerator.device), 0, False
+        evaluated_at = self.history[-1]["step"] if self.history else -1
+        while state.global_step < self.total_steps and not stop:
+            loader = self.train_loader
+            if state.batches_in_epoch:  # resuming mid-epoch
+                loader = accelerator.skip_first_batches(loader, state.batches_in_epoch)
+            loader.set_epoch(state.epoch)  # Accelerate's loader passes the epoch on to our sampler
+            for batch in loader:
+                with accelerator.accumulate(model):
+                    loss = model(**batch).loss
+                    self._stop_if_diverged(loss)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                state.batches_in_epoch += 1
+                state.samples_seen += batch["input_ids"].shape[0] * accelerator.num_processes
+                running_loss += loss.detach()
+                losses_in_window += 1
+                if not accelerator.sync_gradients:
+                    continue
+                self.scheduler.step()
+                state.global_step += 1
+                progress.update(1)
+                if state.global_step % cfg.log_every == 0:
+                    mean_loss = (running_loss / losses_in_window).item()  # host sync only when logging
+                    running_loss.zero_()
+                    losses_in_window = 0
+                    lr = self.scheduler.get_last_lr()[0]
+                    progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
+                    accelerator.log({"train/loss": mean_loss, "train/lr": lr}, step=state.global_step)
+                state.train_seconds = time.perf_counter() - started - state.eval_seconds
+                if isinstance(cfg.eval_every, int) and state.global_step % cfg.eval_every == 0:
+                    evaluated_at, stop = state.global_step, self.validate()
+                elif cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if stop or state.global_step >= self.total_steps:
+                    break
+            else:  # the epoch ran to its end
+                state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+                if cfg.eval_every == "epoch" and evaluated_at != state.global_step:
+                    evaluated_at, stop = state.global_step, self.validate()
+        progress.close()
+        state.train_seconds = time.perf_counter() - started - state.eval_seconds
+        if evaluated_at != state.global_step:  # the final weights always get a say in model selection
+            self.validate()
+
+    def _stop_if_diverged(self, loss: torch.Tensor) -> None:
+        # One host sync per step (cheap on CPU) buys a stop at the exact step that diverged.
+        finite = torch.isfinite(loss.detach()).float()
+        if self.accelerator.num_processes > 1:  # all processes must stop together
+            finite = self.accelerator.reduce(finite, reduction="mean")
+        if finite.item() < 1:
+            raise TrainingDiverged(
+                f"loss is {loss.item()} at step {self.state.global_step + 1}; training stopped. The last good "
+                f"checkpoint is kept in {self.last_dir} and the best weights in {self.best_path}."
+            )
+
+    def validate(self) -> bool:
+        """Evaluate on validation, keep the best, checkpoint; True when early stopping says stop."""
+        accelerator, state, recipe = self.accelerator, self.state, self.recipe
+        started = time.perf_counter()
+        result = evaluate(self.model, self.eval_loaders["validation"], accelerator, recipe, self.metrics, self.labels,
+                          "evaluating")
+        record = {"step": state.global_step, "epoch": round(state.global_step / self.steps_per_epoch, 3), **result}
+        self.history.append(record)
+        greater = recipe.eval.primary != "loss" and greater_is_better(recipe.eval.primary)
+        value = result[recipe.eval.primary]
+        if state.best_value is None or (value > state.best_value if greater else value < state.best_value):
+            state.best_value, state.best_step, state.evals_without_improvement = value, state.global_step, 0
+            if accelerator.is_main_process:
+                save_trainable(accelerator.unwrap_model(self.model), self.best_path)
+        else:
+            state.evals_without_improvement += 1
+        if accelerator.is_main_process:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        accelerator.log({f"validation/{k}": v for k, v in result.items()}, step=state.global_step)
+        log.info("step %d validation: %s", state.global_step, "  ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        state.eval_seconds += time.perf_counter() - started
+        self.save_checkpoint()
+        patience = recipe.train.early_stopping_patience
+        return patience is not None and state.evals_without_improvement >= patience
+
+    def save_checkpoint(self) -> None:
+        """Resumable state (model, optimizer, scheduler, RNG, step), written aside and moved into place."""
+        tmp = self.last_dir.with_name(".last.tmp")
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(tmp))
+        if self.accelerator.is_main_process:
+            (tmp / "train_state.json").write_text(json.dumps(self.state.__dict__))
+            replace_dir(tmp, self.last_dir)
+        self.accelerator.wait_for_everyone()
+
+    # --- the end ------------------------------------------------------------------------
+
+    def finish(self) -> RunResult:
+        """Restore the best evaluation (not the last), test it, export it with its model card."""
+        accelerator, state, recipe = self.accelerator, self.state, self.recipe
+        accelerator.wait_for_everyone()
+        model = accelerator.unwrap_model(self.model)
+        load_trainable(model, self.best_path)
+        best = next(r for r in self.history if r["step"] == state.best_step)
+        final = {"best_step": state.best_step, "validation": {k: v for k, v in best.items() if k not in ("step", "epoch")}}
+        if "test" in self.eval_loaders:
+            final["test"] = evaluate(self.model, self.eval_loaders["test"], accelerator, recipe, self.metrics,
+                                     self.labels, "testing")
+        final.update(train_seconds=round(state.train_seconds, 2), optimizer_steps=state.global_step,
+                     samples_per_second=round(state.samples_seen / max(state.train_seconds, 1e-9), 2),
+                     trainable_parameters=self.trainable, total_parameters=self.total)
+        if accelerator.is_main_process:
+            export_model(model, self.tokenizer, self.labels, self.run_dir, recipe.output.merge_lora)
+            atomic_write_text(self.run_dir / "metrics.json", json.dumps(final, indent=2))
+            write_model_card(recipe, self.run_dir, final, self.trainable, self.total)
+        log.info("best step %d | validation %s%s", state.best_step,
+                 "  ".join(f"{k} {v:.4f}" for k, v in final["validation"].items()),
+                 (" | test " + "  ".join(f"{k} {v:.4f}" for k, v in final["test"].items())) if "test" in final else "")
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return RunResult(run_dir=self.run_dir, metrics=final, best_step=state.best_step,
+                         best_checkpoint=self.best_path, history=self.history)
 
 
-LOG_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+# --- helpers ------------------------------------------------------------------------------
 
 
 def _setup_logging(accelerator: Accelerator) -> None:
@@ -189,6 +377,20 @@ def _default_run_dir(recipe: Recipe, accelerator: Accelerator) -> Path:
     return Path("runs") / f"{recipe.name}-{stamp[0]}"
 
 
+def _set_trackers(accelerator: Accelerator, recipe: Recipe, run_dir: Path) -> None:
+    """Point Accelerate's trackers (report_to) at the run folder, which is known only now."""
+    if not recipe.output.report_to:
+        return
+    accelerator.project_configuration.set_directories(str(run_dir))
+    try:
+        accelerator.log_with = filter_trackers(recipe.output.report_to, accelerator.logging_dir)
+    except (ValueError, ImportError) as err:
+        raise RecipeError(f"output.report_to: {err}") from None
+    missing = sorted(set(recipe.output.report_to) - {str(t) for t in accelerator.log_with})
+    if missing:  # Accelerate skips trackers whose package is missing; a user asking for one wants to know
+        raise RecipeError(f"output.report_to: {missing} requested but not installed (pip install {' '.join(missing)})")
+
+
 def _multi_process_without_accelerator() -> bool:
     """`accelerate launch --multi_gpu --num_processes N` on a machine without GPUs: DDP on CPU (gloo).
 
@@ -210,236 +412,3 @@ def _on_main_process(accelerator: Accelerator, action) -> None:
     broadcast_object_list(error)  # without this, the other processes would wait forever
     if error[0]:
         raise RecipeError(error[0])
-
-
-def _check_same_recipe(run_dir: Path, recipe: Recipe) -> None:
-    """A resumed run must continue the same recipe, or its checkpoints would mean something else."""
-    saved = Recipe.from_yaml(run_dir / "recipe.yaml").to_dict()
-    current = recipe.to_dict()
-    saved["output"]["overwrite"] = current["output"]["overwrite"]
-    changed = [f"{section}.{key}" for section in current if isinstance(current[section], dict)
-               for key in current[section] if current[section][key] != saved.get(section, {}).get(key)]
-    changed += [key for key in current if not isinstance(current[key], dict) and current[key] != saved.get(key)]
-    if changed:
-        raise RecipeError(f"--resume: the recipe differs from the one this run started with ({', '.join(changed)}); "
-                          "resume with the same settings, or start a new run")
-
-
-def _improved(value: float, best: float | None, greater_is_better: bool) -> bool:
-    return best is None or (value > best if greater_is_better else value < best)
-
-
-def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool | None = None) -> RunResult:
-    """Train a recipe end to end; see ``Recipe.run``.
-
-    Raises:
-        RecipeError: invalid data, labels, backbone or policy (before the run folder is touched).
-        TrainingDiverged: the loss became NaN/inf (the last good checkpoint is kept).
-    """
-    # Validate again as a whole: attribute assignment checks one field, not how sections fit together.
-    recipe = Recipe.from_dict(recipe.to_dict())
-    accelerator = Accelerator(
-        cpu=_multi_process_without_accelerator(),
-        gradient_accumulation_steps=recipe.train.gradient_accumulation_steps,
-        mixed_precision=recipe.train.mixed_precision,
-    )
-    set_seed(recipe.train.seed)
-    _setup_logging(accelerator)
-    if accelerator.device.type == "cpu":
-        # `accelerate launch` sets OMP_NUM_THREADS=1 even for one process, which halves CPU speed
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        torch.set_num_threads(recipe.train.cpu_threads or max(1, cores // accelerator.num_processes))
-
-    # Build everything first: bad input fails here, before anything is written.
-    backbone_path = resolve_backbone(recipe.backbone)
-    if recipe.head.pooling == "auto":
-        recipe.head.pooling = default_pooling(backbone_path)
-    tokenizer = AutoTokenizer.from_pretrained(backbone_path, revision=recipe.backbone.revision,
-                                              trust_remote_code=recipe.backbone.trust_remote_code)
-    metrics = MetricSuite(recipe.eval.metrics)
-    metrics.load()  # an unknown metric fails now, not at the first evaluation
-    with accelerator.main_process_first():  # main process tokenises, the others read its cache
-        raw = data_lib.load_splits(recipe.data)
-        labels = data_lib.label_names(recipe, raw)
-        tokenised = data_lib.tokenize(recipe, raw, tokenizer, labels)
-    model = build_model(recipe, backbone_path, labels)
-    # peft injects adapters in place: keep the untouched model to save as the adapter's base
-    base_model = copy.deepcopy(model) if recipe.policy.kind == "lora" else None
-    model = apply_policy(model, recipe)
-    trainable, total = count_parameters(model)
-
-    run_dir = _default_run_dir(recipe, accelerator)
-    if recipe.output.report_to:  # trackers write under the run folder, known only now
-        accelerator.project_configuration.set_directories(str(run_dir))
-        try:
-            accelerator.log_with = filter_trackers(recipe.output.report_to, accelerator.logging_dir)
-        except (ValueError, ImportError) as err:
-            raise RecipeError(f"output.report_to: {err}") from None
-        missing = sorted(set(recipe.output.report_to) - {str(t) for t in accelerator.log_with})
-        if missing:  # Accelerate skips trackers whose package is missing; a user asking for one wants to know
-            raise RecipeError(f"output.report_to: {missing} requested but not installed (pip install {' '.join(missing)})")
-    overwrite = recipe.output.overwrite if overwrite is None else overwrite
-
-    def create_run_folder() -> None:
-        prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
-        if resume:
-            _check_same_recipe(run_dir, recipe)
-        atomic_write_text(run_dir / "recipe.yaml", recipe.to_yaml())
-        if base_model is not None and not (run_dir / "base").is_dir():
-            save_base(base_model, run_dir)
-
-    _on_main_process(accelerator, create_run_folder)
-    del base_model
-    _log_to_file(accelerator, run_dir)
-    log.info("run folder %s (%d process%s, device %s, %d threads)", run_dir, accelerator.num_processes,
-             "es" if accelerator.num_processes > 1 else "", accelerator.device, torch.get_num_threads())
-    log.info("backbone %s from %s (%s, pooling %s)", recipe.backbone.name, backbone_path,
-             "pretrained" if recipe.backbone.pretrained else "random init", recipe.head.pooling)
-    log.info("data: %s", ", ".join(f"{split} {len(ds):,} rows" for split, ds in tokenised.items()))
-    log.info("policy %s: %s trainable of %s parameters (%.2f%%)", recipe.policy.kind, f"{trainable:,}",
-             f"{total:,}", 100 * trainable / total)
-
-    collator = data_lib.make_collator(recipe, tokenizer)
-    _, train_loader, eval_loaders = make_loaders(recipe, tokenised, collator)
-    optimizer = make_optimizer(model, recipe)
-    model, optimizer, train_loader, *prepared_eval = accelerator.prepare(model, optimizer, train_loader, *eval_loaders.values())
-    eval_loaders = dict(zip(eval_loaders, prepared_eval))
-
-    cfg = recipe.train
-    per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
-    # The scheduler is stepped by hand once per optimizer step (not prepared: Accelerate would
-    # step it once per process), so its step counts are the loop's step counts.
-    scheduler = get_scheduler(
-        {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.scheduler],
-        optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps), num_training_steps=total_steps,
-    )
-    accelerator.register_for_checkpointing(scheduler)
-    greater = recipe.eval.primary != "loss" and greater_is_better(recipe.eval.primary)
-    state = TrainState()
-    last_dir, best_path = run_dir / "checkpoints" / "last", run_dir / "checkpoints" / "best.safetensors"
-    history: list[dict] = []
-    if resume:
-        accelerator.load_state(str(last_dir))
-        state = TrainState(**json.loads((last_dir / "train_state.json").read_text()))
-        history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        history = [r for r in history if r["step"] <= state.global_step]  # drop evaluations after the checkpoint
-        if accelerator.is_main_process:
-            atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
-        log.info("resumed at step %d (epoch %d)", state.global_step, state.epoch)
-
-    def save_checkpoint() -> None:
-        tmp = last_dir.with_name(".last.tmp")
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        if accelerator.is_main_process:
-            (tmp / "train_state.json").write_text(json.dumps(state.__dict__))
-            replace_dir(tmp, last_dir)
-        accelerator.wait_for_everyone()
-
-    def run_evaluation() -> bool:
-        """Evaluate on validation, keep the best, log; True when early stopping says stop."""
-        eval_started = time.perf_counter()
-        result = evaluate(model, eval_loaders["validation"], accelerator, recipe, metrics, labels, "evaluating")
-        value = result[recipe.eval.primary]
-        record = {"step": state.global_step, "epoch": round(state.global_step / per_epoch, 3), **result}
-        history.append(record)
-        if _improved(value, state.best_value, greater):
-            state.best_value, state.best_step, state.evals_without_improvement = value, state.global_step, 0
-            if accelerator.is_main_process:
-                save_trainable(accelerator.unwrap_model(model), best_path)
-        else:
-            state.evals_without_improvement += 1
-        if accelerator.is_main_process:
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-        accelerator.log({f"validation/{k}": v for k, v in result.items()}, step=state.global_step)
-        log.info("step %d validation: %s", state.global_step, "  ".join(f"{k} {v:.4f}" for k, v in result.items()))
-        state.eval_seconds += time.perf_counter() - eval_started
-        save_checkpoint()
-        return cfg.early_stopping_patience is not None and state.evals_without_improvement >= cfg.early_stopping_patience
-
-    if accelerator.is_main_process:
-        (run_dir / "checkpoints").mkdir(exist_ok=True)
-    accelerator.init_trackers(recipe.name, config={k: str(v) for k, v in recipe.to_dict()["train"].items()})
-    model.train()
-    progress = tqdm(total=total_steps, initial=state.global_step, desc="training",
-                    disable=not accelerator.is_local_main_process)
-    started, stop = time.perf_counter() - state.train_seconds - state.eval_seconds, False
-    running_loss, losses_in_window = torch.zeros((), device=accelerator.device), 0
-    evaluated_at = history[-1]["step"] if history else -1
-    while state.global_step < total_steps and not stop:
-        loader = accelerator.skip_first_batches(train_loader, state.batches_in_epoch) if state.batches_in_epoch else train_loader
-        loader.set_epoch(state.epoch)  # Accelerate's loader passes the epoch on to our sampler when iterated
-        for batch in loader:
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                # One host sync per step (cheap on CPU) buys a stop at the exact step that diverged.
-                finite = torch.isfinite(loss.detach()).float()
-                if accelerator.num_processes > 1:  # all processes must stop together
-                    finite = accelerator.reduce(finite, reduction="mean")
-                if finite.item() < 1:
-                    raise TrainingDiverged(
-                        f"loss is {loss.item()} at step {state.global_step + 1}; training stopped. "
-                        f"The last good checkpoint is kept in {last_dir} and the best weights in {best_path}."
-                    )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            state.batches_in_epoch += 1
-            state.samples_seen += batch["input_ids"].shape[0] * accelerator.num_processes
-            running_loss += loss.detach()
-            losses_in_window += 1
-            if not accelerator.sync_gradients:
-                continue
-            scheduler.step()
-            state.global_step += 1
-            progress.update(1)
-            if state.global_step % cfg.log_every == 0:
-                mean_loss = (running_loss / losses_in_window).item()
-                running_loss.zero_()
-                losses_in_window = 0
-                progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-                accelerator.log({"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0]}, step=state.global_step)
-                log.debug("step %d loss %.4f", state.global_step, mean_loss)
-            state.train_seconds = time.perf_counter() - started - state.eval_seconds
-            if isinstance(cfg.eval_every, int) and state.global_step % cfg.eval_every == 0:
-                evaluated_at = state.global_step
-                stop = run_evaluation()
-            elif cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0:
-                save_checkpoint()
-            if stop or state.global_step >= total_steps:
-                break
-        else:  # the epoch ran to its end
-            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
-            if cfg.eval_every == "epoch" and evaluated_at != state.global_step:
-                evaluated_at = state.global_step
-                stop = run_evaluation()
-    progress.close()
-    state.train_seconds = time.perf_counter() - started - state.eval_seconds
-    if evaluated_at != state.global_step:  # the final weights always get a say in model selection
-        run_evaluation()
-
-    # The model kept is the best evaluation, not the last.
-    accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(model)
-    load_trainable(unwrapped, best_path)
-    best = next(r for r in history if r["step"] == state.best_step)
-    final = {"best_step": state.best_step, "validation": {k: v for k, v in best.items() if k not in ("step", "epoch")}}
-    if "test" in eval_loaders:
-        final["test"] = evaluate(model, eval_loaders["test"], accelerator, recipe, metrics, labels, "testing")
-    final.update(train_seconds=round(state.train_seconds, 2), optimizer_steps=state.global_step,
-                 samples_per_second=round(state.samples_seen / max(state.train_seconds, 1e-9), 2),
-                 trainable_parameters=trainable, total_parameters=total)
-    if accelerator.is_main_process:
-        export_model(unwrapped, tokenizer, labels, run_dir, recipe.output.merge_lora)
-        atomic_write_text(run_dir / "metrics.json", json.dumps(final, indent=2))
-        write_model_card(recipe, run_dir, final, trainable, total)
-    log.info("best step %d | validation %s%s", state.best_step,
-             "  ".join(f"{k} {v:.4f}" for k, v in final["validation"].items()),
-             (" | test " + "  ".join(f"{k} {v:.4f}" for k, v in final["test"].items())) if "test" in final else "")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return RunResult(run_dir=run_dir, metrics=final, best_step=state.best_step, best_checkpoint=best_path, history=history)

@@ -82,7 +82,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", overrides: list[str] 
     from accelerate import Accelerator
 
     from finetune import data as data_lib
-    from finetune.loop import evaluate, make_loaders
+    from finetune.loop import evaluate
     from finetune.metrics import MetricSuite
 
     run = load_run(run_dir)
@@ -92,6 +92,6 @@ def evaluate_run(run_dir: str | Path, split: str = "test", overrides: list[str] 
         raise RecipeError(f"--split: the recipe's data has splits {list(raw)}, not {split!r}")
     tokenised = data_lib.tokenize(recipe, raw, run.tokenizer, run.labels)
     accelerator = Accelerator()
-    _, _, loaders = make_loaders(recipe, tokenised, data_lib.make_collator(recipe, run.tokenizer))
+    _, loaders = data_lib.make_loaders(recipe, tokenised, data_lib.make_collator(recipe, run.tokenizer))
     model, loader = accelerator.prepare(run.model, loaders[split])
     return evaluate(model, loader, accelerator, recipe, MetricSuite(recipe.eval.metrics), run.labels, split)

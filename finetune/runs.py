@@ -66,6 +66,19 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
+def check_same_recipe(run_dir: Path, recipe: Recipe) -> None:
+    """A resumed run must continue the same recipe, or its checkpoints would mean something else."""
+    saved = Recipe.from_yaml(run_dir / "recipe.yaml").to_dict()
+    current = recipe.to_dict()
+    saved["output"]["overwrite"] = current["output"]["overwrite"]
+    changed = [f"{section}.{key}" for section in current if isinstance(current[section], dict)
+               for key in current[section] if current[section][key] != saved.get(section, {}).get(key)]
+    changed += [key for key in current if not isinstance(current[key], dict) and current[key] != saved.get(key)]
+    if changed:
+        raise RecipeError(f"--resume: the recipe differs from the one this run started with ({', '.join(changed)}); "
+                          "resume with the same settings, or start a new run")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)

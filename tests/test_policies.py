@@ -7,7 +7,8 @@ from transformers import AutoTokenizer
 
 from finetune.config import RecipeError
 from finetune.data import label_names, load_splits, make_collator, tokenize
-from finetune.loop import build_model, make_optimizer
+from finetune.backbones import build_model
+from finetune.loop import make_optimizer
 from finetune.policies import apply_policy, count_parameters
 
 LABELS = ["0", "1"]
