@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.tracking import filter_trackers
 from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
@@ -125,6 +126,11 @@ class Run:
     def __init__(self, recipe: Recipe):
         # Validate again as a whole: attribute assignment checks one field, not how sections fit together.
         self.recipe = recipe = Recipe.from_dict(recipe.to_dict())
+        # Accelerate keeps one global state per process; several runs in one Python process (a
+        # notebook, a sweep) may differ in mixed precision, so start each run from a fresh one.
+        # The process group (PartialState) is kept.
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
         self.accelerator = accelerator = Accelerator(
             cpu=_multi_process_without_accelerator(),
             gradient_accumulation_steps=recipe.train.gradient_accumulation_steps,

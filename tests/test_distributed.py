@@ -12,9 +12,11 @@ from conftest import REPO, tiny_recipe
 pytestmark = pytest.mark.slow
 
 
-def test_two_process_launch_trains_one_model_and_counts_each_example_once(tiny_backbone, sentiment_dir, tmp_path):
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_two_process_launch_trains_one_model_and_counts_each_example_once(kind, tiny_backbone, sentiment_dir, tmp_path):
     """2 ranks split the data (half the steps), evaluation gathers exactly 13 examples (no padded duplicates)."""
     recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path, train={"epochs": 2, "eval_every": "epoch"},
+                         policy={"kind": kind},
                          data={"path": str(sentiment_dir), "max_eval_samples": 13, "max_test_samples": 13})
     path = tmp_path / "tiny.yaml"
     path.write_text(recipe.to_yaml())
@@ -37,4 +39,4 @@ def test_two_process_launch_trains_one_model_and_counts_each_example_once(tiny_b
         assert abs(correct - round(correct)) < 1e-6, f"{split}: accuracy is not k/13, duplicates were counted"
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in history] == [6, 12]
-    assert (run_dir / "model.safetensors").is_file()
+    assert (run_dir / ("adapter_model.safetensors" if kind == "lora" else "model.safetensors")).is_file()
