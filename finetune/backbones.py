@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 import yaml
+from huggingface_hub import constants
 
 import torch
 from accelerate.utils import set_seed
@@ -39,6 +40,8 @@ def user_mirrors() -> dict[str, str]:
     path = os.environ.get("FINETUNE_MIRRORS")
     if not path:
         return {}
+    if not Path(path).is_file():
+        raise RecipeError(f"FINETUNE_MIRRORS={path}: no such file (expected a YAML mapping of hub id -> local folder)")
     data = yaml.safe_load(Path(path).read_text()) or {}
     if not isinstance(data, dict):
         raise RecipeError(f"FINETUNE_MIRRORS={path}: expected a YAML mapping of hub id -> local folder")
@@ -49,9 +52,11 @@ def _from_hf_cache(name: str, revision: str | None) -> Path | None:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(name, revision=revision, local_files_only=True))
+        found = Path(snapshot_download(name, revision=revision, local_files_only=True))
     except Exception:
         return None
+    # a snapshot holding only a config or tokenizer (fetched by some other tool) is not a usable backbone
+    return found if any(found.glob("*.safetensors")) or any(found.glob("*.bin")) else None
 
 
 def _from_mirrors(name: str) -> Path | None:
@@ -83,18 +88,20 @@ def resolve_backbone(cfg: BackboneConfig) -> Path:
         found = _from_mirrors(cfg.name)
         if found is not None:
             log.info("backbone %s: using local mirror %s", cfg.name, found)
-    if found is None and not os.environ.get("HF_HUB_OFFLINE"):
+    hub = "the hub is switched off (HF_HUB_OFFLINE)"
+    if found is None and not constants.HF_HUB_OFFLINE:
         from huggingface_hub import snapshot_download
 
         try:
-            found = Path(snapshot_download(cfg.name, revision=cfg.revision,
-                                           allow_patterns=["*.json", "*.txt", "*.model", "*.safetensors", "*.py"]))
-        except Exception as err:  # network, auth, or unknown repo
-            log.debug("hub download of %s failed: %s", cfg.name, err)
+            found = Path(snapshot_download(cfg.name, revision=cfg.revision, allow_patterns=[
+                "*.json", "*.txt", "*.model", "*.safetensors", "*.bin", "*.py"]))
+        except Exception as err:  # network, auth, unknown repo or revision
+            hub = f"the hub answered {type(err).__name__}: {err}"
     if found is None or not (found / "config.json").is_file():
+        mirrors = "mirrors are skipped for a pinned revision" if cfg.revision else "no local mirror"
         raise RecipeError(
             f"backbone.name: cannot find '{cfg.name}': not a local folder, not in the Hugging Face cache, "
-            "no local mirror, and the hub is unreachable. Provide a local copy: set backbone.name to a folder "
+            f"{mirrors}, and {hub}. Provide a local copy: set backbone.name to a folder "
             "with config.json + weights, or map the id to a folder in a YAML file named by $FINETUNE_MIRRORS "
             f"(e.g. '{cfg.name}: /models/{cfg.name.split('/')[-1]}')."
         )
@@ -127,8 +134,9 @@ def build_model(recipe: Recipe, backbone_path: Path, labels: list[str] | None):
     model_class = FinetuneForTokenClassification if recipe.task == "token_classification" else FinetuneForSequenceClassification
     set_seed(recipe.train.seed)  # the head's initialisation depends only on the seed
     model = model_class(config)
+    dtype = getattr(torch, cfg.dtype)  # explicit: transformers would otherwise use the dtype stored in config.json
     if cfg.pretrained:
-        kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+        kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code, "dtype": dtype}
         verbosity = transformers_logging.get_verbosity()
         transformers_logging.set_verbosity_error()  # the skipped pooler is expected; its load report is noise
         try:
@@ -137,5 +145,6 @@ def build_model(recipe: Recipe, backbone_path: Path, labels: list[str] | None):
             model.backbone = AutoModel.from_pretrained(backbone_path, **kwargs)
         finally:
             transformers_logging.set_verbosity(verbosity)
-    dtype = getattr(torch, cfg.dtype)
-    return model.to(dtype) if dtype != torch.float32 else model
+    model.backbone.to(dtype)
+    model.classifier.float()  # the head stays float32 whatever the backbone's dtype
+    return model

@@ -57,27 +57,23 @@ def eval_command(args: argparse.Namespace) -> int:
 
 def _read_inputs(path: Path, run) -> tuple[list, list | None]:
     """A .txt file has one input per line; other files go through the recipe's column mapping."""
+    from finetune.data import read_table
+
+    cols, task = run.recipe.data.columns, run.recipe.task
+    if not path.is_file():
+        raise RecipeError(f"--input: {path} does not exist")
     if path.suffix == ".txt":
+        if cols.text_pair and task != "token_classification":
+            raise RecipeError(f"--input: this run classifies text pairs; give a tsv/csv/json/jsonl file with "
+                              f"columns {cols.text!r} and {cols.text_pair!r}")
         lines = [line for line in path.read_text().splitlines() if line.strip()]
-        if run.recipe.task == "token_classification":
-            return [line.split() for line in lines], None
-        return lines, None
-    import datasets
-
-    from finetune.data import EXTENSIONS
-
-    fmt = EXTENSIONS.get(path.suffix)
-    if fmt is None:
-        raise RecipeError(f"--input: {path} must be .txt or one of {', '.join(EXTENSIONS)}")
-    builder = {"tsv": "csv", "jsonl": "json"}.get(fmt, fmt)
-    kwargs = {"delimiter": "\t", "keep_default_na": False} if fmt == "tsv" else {}
-    table = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
-    cols = run.recipe.data.columns
-    first = cols.tokens if run.recipe.task == "token_classification" else cols.text
-    if first not in table.column_names:
-        raise RecipeError(f"--input: {path} has no column {first!r}; columns are {table.column_names}")
-    pairs = table[cols.text_pair] if cols.text_pair and run.recipe.task != "token_classification" else None
-    return table[first], pairs
+        return ([line.split() for line in lines] if task == "token_classification" else lines), None
+    table = read_table(path)
+    needed = [cols.tokens] if task == "token_classification" else [cols.text] + ([cols.text_pair] if cols.text_pair else [])
+    missing = [c for c in needed if c not in table.column_names]
+    if missing:
+        raise RecipeError(f"--input: {path} has no column {missing[0]!r}; its columns are {table.column_names}")
+    return table[needed[0]], (table[needed[1]] if len(needed) > 1 else None)
 
 
 def predict_command(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ Python attribute assignment.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 from pathlib import Path
@@ -104,7 +105,7 @@ class SplitsConfig(Strict):
 
 class DataConfig(Strict):
     path: str
-    """Local folder (holding <split>.tsv/csv/json/jsonl/parquet), a single file, or a hub dataset id.
+    """Local folder (holding <split>.tsv/csv/json/jsonl/parquet) or a hub dataset id.
     ${FINETUNE_DATA_DIR} expands to that environment variable (default: ../shared/data next to the repo)."""
     name: str | None = None
     """Hub dataset configuration name."""
@@ -127,6 +128,14 @@ class DataConfig(Strict):
             if any(isinstance(v, bool) for v in value):
                 raise ValueError("label names must be text; quote yes/no/true/false, e.g. ['yes', 'no']")
             return [str(v) if isinstance(v, (int, float)) else v for v in value]
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_unique(cls, value):
+        if value is not None and len(set(value)) != len(value):
+            repeated = sorted({v for v in value if value.count(v) > 1})
+            raise ValueError(f"label names must be unique; repeated: {repeated}")
         return value
     max_length: int = Field(default=128, gt=0)
     """Truncate inputs to this many tokens (batches are padded per batch, never to this)."""
@@ -186,10 +195,18 @@ class TrainConfig(Strict):
 
 
 class EvalConfig(Strict):
-    metrics: list[str] = ["accuracy"]
-    """Metric names (see finetune.metrics.available_metrics())."""
+    metrics: list[str] = Field(default=["accuracy", "f1_macro"], min_length=1)
+    """Metric names (see finetune.metrics.available_metrics()); default depends on the task."""
     primary: str = "accuracy"
-    """Metric that selects the best checkpoint and drives early stopping ('loss' is allowed)."""
+    """Metric that selects the best checkpoint and drives early stopping ('loss' is allowed);
+    default: the first metric."""
+
+    @field_validator("metrics")
+    @classmethod
+    def _metrics_unique(cls, value):
+        if len(set(value)) != len(value):
+            raise ValueError(f"metric names must be unique; got {value}")
+        return value
 
 
 class OutputConfig(Strict):
@@ -221,12 +238,36 @@ class Recipe(Strict):
     eval: EvalConfig = EvalConfig()
     output: OutputConfig = OutputConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _task_defaults(cls, raw: Any) -> Any:
+        """Metrics suited to the task when none are named; the primary defaults to the first one."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("eval", {}), dict):
+            return raw
+        from finetune.metrics import DEFAULTS
+
+        evaluation = dict(raw.get("eval") or {})
+        if "metrics" not in evaluation:
+            evaluation["metrics"] = DEFAULTS.get(raw.get("task", "classification"), DEFAULTS["classification"])
+        if "primary" not in evaluation and isinstance(evaluation["metrics"], list) and evaluation["metrics"]:
+            evaluation["primary"] = evaluation["metrics"][0]
+        return {**raw, "eval": evaluation}
+
     @model_validator(mode="after")
     def _consistent(self) -> "Recipe":
+        from finetune.metrics import REGISTRY
+
         if self.eval.primary != "loss" and self.eval.primary not in self.eval.metrics:
             raise ValueError(f"eval.primary={self.eval.primary!r} must be 'loss' or one of eval.metrics {self.eval.metrics}")
+        for name in self.eval.metrics:
+            if name in REGISTRY and self.task not in REGISTRY[name].tasks:
+                suited = [n for n, spec in REGISTRY.items() if self.task in spec.tasks]
+                raise ValueError(f"eval.metrics: {name!r} cannot score task={self.task}; use one of {suited}")
         if self.task == "regression" and self.data.labels is not None:
             raise ValueError("data.labels does not apply to task=regression")
+        if self.backbone.dtype == "float16" and self.train.mixed_precision == "fp16":
+            raise ValueError("backbone.dtype=float16 with train.mixed_precision=fp16 cannot train (fp16 gradients "
+                             "cannot be unscaled); keep float32 weights with fp16 autocast, or use bfloat16")
         return self
 
     # --- construction ---------------------------------------------------------
@@ -256,7 +297,7 @@ class Recipe(Strict):
         raw = yaml.safe_load(path.read_text())
         if not isinstance(raw, dict):
             raise RecipeError(f"{path}: expected a YAML mapping of recipe sections, got {type(raw).__name__}")
-        raw.pop("sweep", None)  # sweep sections belong to the sweep tool, not to a single run
+        raw.pop("sweep", None)  # a recipe file may carry a sweep section for the (planned) sweep tool
         return cls.from_dict(raw, overrides)
 
     def with_overrides(self, overrides: list[str] | tuple[str, ...]) -> "Recipe":
@@ -324,8 +365,6 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """Return a copy of ``raw`` with each ``key=value`` set at its dotted path."""
-    import copy
-
     raw = copy.deepcopy(raw)
     for text in overrides:
         key, value = parse_override(text)
@@ -345,7 +384,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
 def _describe(err: ValidationError) -> str:
     lines = []
     for item in err.errors():
-        key = ".".join(str(p) for p in item["loc"] if not str(p).startswith(("function-after", "literal[", "int", "str")))
+        # drop pydantic's union-member and validator tags from the location, keep field names
+        key = ".".join(str(p) for p in item["loc"]
+                       if str(p) not in ("int", "str", "float") and not str(p).startswith(("function-", "literal[")))
         if item["type"] == "extra_forbidden":
             lines.append(f"unknown recipe key '{key}'{_suggest(key)}")
         elif item["type"] == "missing":

@@ -6,7 +6,6 @@ max_length), so repeated runs and sweep trials don't tokenise again.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from pathlib import Path
@@ -27,6 +26,22 @@ def expand_path(path: str) -> str:
     data_dir = os.environ.get("FINETUNE_DATA_DIR", str(DEFAULT_DATA_DIR))
     path = path.replace("${FINETUNE_DATA_DIR}", data_dir).replace("$FINETUNE_DATA_DIR", data_dir)
     return os.path.expanduser(os.path.expandvars(path))
+
+
+BUILDERS = {  # file format -> datasets builder and its options (TSV/CSV: keep "NA"/"null" as text)
+    "tsv": ("csv", {"delimiter": "\t", "keep_default_na": False}),
+    "csv": ("csv", {"keep_default_na": False}),
+    "json": ("json", {}), "jsonl": ("json", {}), "parquet": ("parquet", {}),
+}
+
+
+def read_table(path: Path) -> datasets.Dataset:
+    """One tsv/csv/json/jsonl/parquet file as a Dataset (e.g. inputs for ``finetune predict``)."""
+    fmt = EXTENSIONS.get(path.suffix)
+    if fmt is None:
+        raise RecipeError(f"{path}: expected one of {', '.join(EXTENSIONS)}")
+    builder, kwargs = BUILDERS[fmt]
+    return datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
 
 
 def _split_files(cfg: DataConfig, root: Path) -> dict[str, tuple[str, Path]]:
@@ -69,11 +84,7 @@ def load_splits(cfg: DataConfig) -> datasets.DatasetDict:
             if _has_no_rows(file, fmt):
                 raise RecipeError(f"data: split '{split}' ({file}) is empty")
         data_files = {name: str(file) for name, (_, file) in files.items()}
-        builder, kwargs = {
-            "tsv": ("csv", {"delimiter": "\t", "keep_default_na": False}),
-            "csv": ("csv", {"keep_default_na": False}),
-            "json": ("json", {}), "jsonl": ("json", {}), "parquet": ("parquet", {}),
-        }[fmt]
+        builder, kwargs = BUILDERS[fmt]
         raw = datasets.load_dataset(builder, data_files=data_files, **kwargs)
     elif path.exists():
         raise RecipeError(f"data.path: {path} is a file; point it at the folder holding the split files")
@@ -120,10 +131,18 @@ def label_names(recipe: Recipe, raw: datasets.DatasetDict) -> list[str] | None:
     Raises:
         RecipeError: a label in any split is not in the set.
     """
-    if recipe.task == "regression":
-        return None
     cols = recipe.data.columns
     column = cols.tags if recipe.task == "token_classification" else cols.label
+    _require_columns(raw, [column])
+    if recipe.task == "regression":
+        for split, ds in raw.items():
+            for row, value in enumerate(ds[column]):
+                try:
+                    float(value)
+                except (TypeError, ValueError):
+                    raise RecipeError(f"data: split '{split}' row {row + 1} column '{column}' has {value!r}, "
+                                      "not a number (task=regression)") from None
+        return None
 
     def values(ds):
         vals = ds[column]
@@ -228,26 +247,20 @@ class LengthGroupedSampler(Sampler[int]):
         return iter([i for batch in shuffled for i in batch])
 
 
-def steps_per_epoch(num_examples: int, batch_size: int, processes: int, accumulation: int) -> int:
-    return max(1, math.ceil(math.ceil(num_examples / (batch_size * processes)) / accumulation))
-
-
-def make_loaders(recipe: Recipe, tokenised: datasets.DatasetDict, collator) -> tuple[DataLoader, dict[str, DataLoader]]:
-    """The training loader (length-grouped, seeded) and evaluation loaders (sorted by length)."""
-    train = tokenised["train"]
+def make_train_loader(recipe: Recipe, train: datasets.Dataset, collator) -> DataLoader:
+    """Length-grouped, seeded batches of the training split."""
     sampler = LengthGroupedSampler(
         [len(ids) for ids in train["input_ids"]], recipe.train.batch_size, recipe.train.seed, recipe.train.group_by_length
     )
     # A private generator: creating a loader iterator must not draw from the global RNG, or a resumed
     # run (which creates its iterator at another time) would get different dropout masks.
-    train_loader = DataLoader(train, batch_size=recipe.train.batch_size, sampler=sampler, collate_fn=collator,
-                              generator=torch.Generator().manual_seed(recipe.train.seed))
-    eval_batch = recipe.train.eval_batch_size or 2 * recipe.train.batch_size
-    eval_loaders = {}
-    for split in ("validation", "test"):
-        if split in tokenised:  # sorted by length: evaluation order doesn't matter, padding does
-            ds = tokenised[split]
-            lengths = [len(ids) for ids in ds["input_ids"]]
-            by_length = sorted(range(len(ds)), key=lengths.__getitem__)
-            eval_loaders[split] = DataLoader(ds.select(by_length), batch_size=eval_batch, collate_fn=collator)
-    return train_loader, eval_loaders
+    return DataLoader(train, batch_size=recipe.train.batch_size, sampler=sampler, collate_fn=collator,
+                      generator=torch.Generator().manual_seed(recipe.train.seed))
+
+
+def make_eval_loader(recipe: Recipe, split: datasets.Dataset, collator) -> DataLoader:
+    """Evaluation batches sorted by length: the order doesn't matter for metrics, padding does."""
+    lengths = [len(ids) for ids in split["input_ids"]]
+    by_length = sorted(range(len(split)), key=lengths.__getitem__)
+    return DataLoader(split.select(by_length), batch_size=recipe.train.eval_batch_size or 2 * recipe.train.batch_size,
+                      collate_fn=collator)

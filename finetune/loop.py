@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -29,7 +30,7 @@ from transformers import AutoTokenizer, get_scheduler
 from finetune import data as data_lib
 from finetune.backbones import build_model, default_pooling, resolve_backbone
 from finetune.config import Recipe, RecipeError
-from finetune.metrics import MetricSuite, greater_is_better
+from finetune.metrics import BINARY_ONLY, MetricSuite, greater_is_better
 from finetune.policies import apply_policy, count_parameters
 from finetune.runs import (RunResult, atomic_write_text, check_same_recipe, export_model, load_trainable,
                            prepare_run_dir, replace_dir, save_base, save_trainable, write_model_card)
@@ -54,6 +55,7 @@ class TrainState:
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
     samples_seen: int = 0
+    num_processes: int = 1
 
 
 def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool | None = None) -> RunResult:
@@ -149,22 +151,32 @@ class Run:
         self.tokenizer = AutoTokenizer.from_pretrained(self.backbone_path, revision=recipe.backbone.revision,
                                                        trust_remote_code=recipe.backbone.trust_remote_code)
         self.metrics = MetricSuite(recipe.eval.metrics)
-        self.metrics.load()  # an unknown metric fails now, not at the first evaluation
+        try:
+            self.metrics.load()  # an unknown metric fails now, not at the first evaluation
+        except ValueError as err:
+            raise RecipeError(f"eval.metrics: {err}") from None
         with accelerator.main_process_first():  # the main process tokenises, the others read its cache
             raw = data_lib.load_splits(recipe.data)
             self.labels = data_lib.label_names(recipe, raw)
             self.tokenised = data_lib.tokenize(recipe, raw, self.tokenizer, self.labels)
+        binary = sorted(BINARY_ONLY & set(recipe.eval.metrics))
+        if binary and len(self.labels or []) != 2:
+            raise RecipeError(f"eval.metrics: {binary} score the positive class of a binary task, but there are "
+                              f"{len(self.labels or [])} labels; use the _macro/_micro/_weighted variants")
         model = build_model(recipe, self.backbone_path, self.labels)
         # peft injects adapters in place: keep the untouched model to save as the adapter's base
-        self.base_model = copy.deepcopy(model) if recipe.policy.kind == "lora" else None
+        keep_base = recipe.policy.kind == "lora" and accelerator.is_main_process
+        self.base_model = copy.deepcopy(model) if keep_base else None
         self.model = apply_policy(model, recipe)
         self.trainable, self.total = count_parameters(self.model)
 
         self.run_dir = _default_run_dir(recipe, accelerator)
+        recipe.output.dir = str(self.run_dir)  # the saved recipe names its folder, so --resume can find it
         self.last_dir = self.run_dir / "checkpoints" / "last"
-        self.best_path = self.run_dir / "checkpoints" / "best.safetensors"
+        self.best_path = self.last_dir / "best.safetensors"  # committed together with the state it belongs to
+        self.best_changed = False
         _set_trackers(accelerator, recipe, self.run_dir)
-        self.state, self.history = TrainState(), []
+        self.state, self.history = TrainState(num_processes=accelerator.num_processes), []
 
     # --- setting up ---------------------------------------------------------------------
 
@@ -192,7 +204,11 @@ class Run:
         log.info("policy %s: %s trainable of %s parameters (%.2f%%)", recipe.policy.kind, f"{self.trainable:,}",
                  f"{self.total:,}", 100 * self.trainable / self.total)
 
-        train_loader, eval_loaders = data_lib.make_loaders(recipe, self.tokenised, data_lib.make_collator(recipe, self.tokenizer))
+        collator = data_lib.make_collator(recipe, self.tokenizer)
+        train_loader = data_lib.make_train_loader(recipe, self.tokenised["train"], collator)
+        self.sampler = train_loader.sampler
+        eval_loaders = {split: data_lib.make_eval_loader(recipe, self.tokenised[split], collator)
+                        for split in ("validation", "test") if split in self.tokenised}
         optimizer = make_optimizer(self.model, recipe)
         self.model, self.optimizer, self.train_loader, *prepared = accelerator.prepare(
             self.model, optimizer, train_loader, *eval_loaders.values())
@@ -215,6 +231,9 @@ class Run:
     def _restore(self) -> None:
         self.accelerator.load_state(str(self.last_dir))
         self.state = TrainState(**json.loads((self.last_dir / "train_state.json").read_text()))
+        if self.state.num_processes != self.accelerator.num_processes:
+            raise RecipeError(f"--resume: the run was trained on {self.state.num_processes} process(es), not "
+                              f"{self.accelerator.num_processes}; resume it with the same number")
         records = self.run_dir / "metrics.jsonl"
         lines = records.read_text().splitlines() if records.exists() else []
         # evaluations written after the checkpoint will be run again
@@ -237,7 +256,8 @@ class Run:
             loader = self.train_loader
             if state.batches_in_epoch:  # resuming mid-epoch
                 loader = accelerator.skip_first_batches(loader, state.batches_in_epoch)
-            loader.set_epoch(state.epoch)  # Accelerate's loader passes the epoch on to our sampler
+            loader.set_epoch(state.epoch)  # Accelerate's own epoch counter ...
+            self.sampler.set_epoch(state.epoch)  # ... which a skipping DDP loader doesn't pass on to our sampler
             for batch in loader:
                 with accelerator.accumulate(model):
                     loss = model(**batch).loss
@@ -285,10 +305,9 @@ class Run:
         if self.accelerator.num_processes > 1:  # all processes must stop together
             finite = self.accelerator.reduce(finite, reduction="mean")
         if finite.item() < 1:
-            raise TrainingDiverged(
-                f"loss is {loss.item()} at step {self.state.global_step + 1}; training stopped. The last good "
-                f"checkpoint is kept in {self.last_dir} and the best weights in {self.best_path}."
-            )
+            kept = (f"The last good checkpoint is kept in {self.last_dir}." if self.last_dir.is_dir()
+                    else "No checkpoint had been written yet.")
+            raise TrainingDiverged(f"loss is {loss.item()} at step {self.state.global_step + 1}; training stopped. {kept}")
 
     def validate(self) -> bool:
         """Evaluate on validation, keep the best, checkpoint; True when early stopping says stop."""
@@ -300,10 +319,12 @@ class Run:
         self.history.append(record)
         greater = recipe.eval.primary != "loss" and greater_is_better(recipe.eval.primary)
         value = result[recipe.eval.primary]
-        if state.best_value is None or (value > state.best_value if greater else value < state.best_value):
+        better = state.best_value is None or math.isnan(state.best_value) or (
+            value > state.best_value if greater else value < state.best_value)
+        # NaN (e.g. a correlation of constant predictions) only counts until a real number comes along
+        if better and (not math.isnan(value) or state.best_value is None):
             state.best_value, state.best_step, state.evals_without_improvement = value, state.global_step, 0
-            if accelerator.is_main_process:
-                save_trainable(accelerator.unwrap_model(self.model), self.best_path)
+            self.best_changed = True
         else:
             state.evals_without_improvement += 1
         if accelerator.is_main_process:
@@ -317,14 +338,26 @@ class Run:
         return patience is not None and state.evals_without_improvement >= patience
 
     def save_checkpoint(self) -> None:
-        """Resumable state (model, optimizer, scheduler, RNG, step), written aside and moved into place."""
-        tmp = self.last_dir.with_name(".last.tmp")
-        self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(tmp))
-        if self.accelerator.is_main_process:
+        """Resumable state (model, optimizer, scheduler, RNG, step) and the best weights so far,
+        written aside and moved into place together."""
+        accelerator, tmp = self.accelerator, self.last_dir.with_name(".last.tmp")
+        if accelerator.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)  # left by a crash
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()  # every rank has written its RNG state before the move
+        if accelerator.is_main_process:
+            if self.best_changed:
+                save_trainable(accelerator.unwrap_model(self.model), tmp / "best.safetensors")
+            elif self.best_path.exists():  # unchanged: share the file rather than copy it
+                try:
+                    os.link(self.best_path, tmp / "best.safetensors")
+                except OSError:
+                    shutil.copyfile(self.best_path, tmp / "best.safetensors")
+            self.best_changed = False
             (tmp / "train_state.json").write_text(json.dumps(self.state.__dict__))
             replace_dir(tmp, self.last_dir)
-        self.accelerator.wait_for_everyone()
+        accelerator.wait_for_everyone()
 
     # --- the end ------------------------------------------------------------------------
 
@@ -408,13 +441,16 @@ def _multi_process_without_accelerator() -> bool:
 
 
 def _on_main_process(accelerator: Accelerator, action) -> None:
-    """Run a file-system action on the main process; if it fails, every process raises the same error."""
+    """Run a file-system action on the main process; if it fails, every process raises the error."""
     error = [None]
     if accelerator.is_main_process:
         try:
             action()
-        except RecipeError as err:
-            error[0] = str(err)
+        except Exception as err:  # noqa: BLE001 - re-raised below, on every process
+            if accelerator.num_processes == 1:
+                raise
+            error[0] = (isinstance(err, RecipeError), f"{type(err).__name__}: {err}")
     broadcast_object_list(error)  # without this, the other processes would wait forever
     if error[0]:
-        raise RecipeError(error[0])
+        is_recipe_error, message = error[0]
+        raise (RecipeError if is_recipe_error else RuntimeError)(message)

@@ -88,7 +88,8 @@ class FinetunePreTrainedModel(PreTrainedModel):
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids
-        return self.backbone(**inputs).last_hidden_state  # (B, T, H)
+        hidden = self.backbone(**inputs).last_hidden_state  # (B, T, H)
+        return hidden.to(self.classifier.layers[-1].weight.dtype)  # a bf16/fp16 backbone feeds a float32 head
 
 
 class FinetuneForSequenceClassification(FinetunePreTrainedModel):
@@ -118,7 +119,10 @@ class FinetuneForTokenClassification(FinetunePreTrainedModel):
         logits = self.classifier(self.encode(input_ids, attention_mask, token_type_ids))  # (B, T, num_labels)
         loss = None
         if labels is not None:
-            loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+            # mean over labelled tokens; a batch without any (empty sentences) gives 0, not NaN
+            total = nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                                reduction="sum")
+            loss = total / (labels != -100).sum().clamp(min=1)
         return TokenClassifierOutput(loss=loss, logits=logits)
 
 

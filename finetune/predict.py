@@ -33,13 +33,16 @@ def load_run(run_dir: str | Path) -> LoadedRun:
         raise RecipeError(f"--model: {run_dir} is not a finished run folder (no recipe.yaml / label_map.json)")
     recipe = Recipe.from_yaml(run_dir / "recipe.yaml")
     token_task = recipe.task == "token_classification"
+    auto_class = AutoModelForTokenClassification if token_task else AutoModelForSequenceClassification
     if (run_dir / "adapter_config.json").is_file():
-        from peft import AutoPeftModelForSequenceClassification, AutoPeftModelForTokenClassification
+        from peft import PeftModel
 
-        loader = AutoPeftModelForTokenClassification if token_task else AutoPeftModelForSequenceClassification
+        # the base named in adapter_config.json is an absolute path; load the one beside the adapter,
+        # so a run folder still loads after it was moved or copied
+        base = auto_class.from_pretrained(str(run_dir / "base"))
+        model = PeftModel.from_pretrained(base, str(run_dir)).eval()
     else:
-        loader = AutoModelForTokenClassification if token_task else AutoModelForSequenceClassification
-    model = loader.from_pretrained(str(run_dir)).eval()
+        model = auto_class.from_pretrained(str(run_dir)).eval()
     label_map = json.loads((run_dir / "label_map.json").read_text())
     labels = [label_map[str(i)] for i in range(len(label_map))] or None
     return LoadedRun(model, AutoTokenizer.from_pretrained(str(run_dir)), recipe, labels)
@@ -78,8 +81,14 @@ def predict(run: LoadedRun, texts: list, pairs: list | None = None, batch_size: 
 
 
 def evaluate_run(run_dir: str | Path, split: str = "test", overrides: list[str] = ()) -> dict:
-    """Re-evaluate a run's model on one of its recipe's splits (``data.*`` overrides allowed)."""
+    """Re-evaluate a run's model on one of its recipe's splits (``data.*`` overrides allowed).
+
+    Raises:
+        RecipeError: not a run folder, no such split, or data that doesn't fit the run's labels.
+    """
+    import datasets
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     from finetune import data as data_lib
     from finetune.loop import evaluate
@@ -87,11 +96,16 @@ def evaluate_run(run_dir: str | Path, split: str = "test", overrides: list[str] 
 
     run = load_run(run_dir)
     recipe = run.recipe.with_overrides(overrides)
+    if run.labels:
+        recipe.data.labels = run.labels  # the model's labels, whatever the new data holds
     raw = data_lib.load_splits(recipe.data)
     if split not in raw:
         raise RecipeError(f"--split: the recipe's data has splits {list(raw)}, not {split!r}")
-    tokenised = data_lib.tokenize(recipe, raw, run.tokenizer, run.labels)
-    accelerator = Accelerator()
-    _, loaders = data_lib.make_loaders(recipe, tokenised, data_lib.make_collator(recipe, run.tokenizer))
-    model, loader = accelerator.prepare(run.model, loaders[split])
+    data_lib.label_names(recipe, raw)  # every label must be one the model knows
+    tokenised = data_lib.tokenize(recipe, datasets.DatasetDict({split: raw[split]}), run.tokenizer, run.labels)
+    AcceleratorState._reset_state(reset_partial_state=False)  # see Run: one fresh state per use
+    accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision)
+    loader = data_lib.make_eval_loader(recipe, tokenised[split], data_lib.make_collator(recipe, run.tokenizer))
+    model, loader = accelerator.prepare(run.model, loader)
     return evaluate(model, loader, accelerator, recipe, MetricSuite(recipe.eval.metrics), run.labels, split)
+

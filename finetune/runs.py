@@ -48,21 +48,25 @@ class RunResult:
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to mix two runs in one folder.
+    """Refuse to mix two runs in one folder, and never delete a folder that isn't a run.
 
     Raises:
-        RecipeError: the folder holds a run and neither resume nor overwrite was asked for,
-            or resume was asked for and there is no checkpoint.
+        RecipeError: the folder holds a run and neither resume nor overwrite was asked for; resume
+            was asked for and there is no checkpoint; the folder holds other files.
     """
-    holds_run = (run_dir / "recipe.yaml").exists() or (run_dir / "checkpoints").exists()
+    last = run_dir / "checkpoints" / "last"
     if resume:
-        if not (run_dir / "checkpoints" / "last").is_dir():
+        recover_dir(last)
+        if not last.is_dir():
             raise RecipeError(f"--resume: {run_dir} has no checkpoints/last to resume from")
         return
+    holds_run = (run_dir / "recipe.yaml").is_file() and (run_dir / "train.log").is_file()
     if holds_run and not overwrite:
         raise RecipeError(f"output.dir: {run_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
-    if holds_run and overwrite:
+    if holds_run:
         shutil.rmtree(run_dir)
+    elif run_dir.is_dir() and any(run_dir.iterdir()):
+        raise RecipeError(f"output.dir: {run_dir} is not empty and holds no finetune run; choose an empty or new folder")
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
@@ -70,7 +74,7 @@ def check_same_recipe(run_dir: Path, recipe: Recipe) -> None:
     """A resumed run must continue the same recipe, or its checkpoints would mean something else."""
     saved = Recipe.from_yaml(run_dir / "recipe.yaml").to_dict()
     current = recipe.to_dict()
-    saved["output"]["overwrite"] = current["output"]["overwrite"]
+    saved["output"] = current["output"]  # where and how results are written doesn't change the training
     changed = [f"{section}.{key}" for section in current if isinstance(current[section], dict)
                for key in current[section] if current[section][key] != saved.get(section, {}).get(key)]
     changed += [key for key in current if not isinstance(current[key], dict) and current[key] != saved.get(key)]
@@ -83,6 +87,13 @@ def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def recover_dir(final: Path) -> None:
+    """Finish an interrupted ``replace_dir``: if only the previous copy is left, put it back."""
+    old = final.with_name(f".{final.name}.old")
+    if not final.exists() and old.is_dir():
+        os.replace(old, final)
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
@@ -166,12 +177,14 @@ def write_model_card(recipe: Recipe, run_dir: Path, metrics: dict[str, Any], tra
         return "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in rows.items())
 
     is_lora = recipe.policy.kind == "lora"
+    kind = "TokenClassification" if recipe.task == "token_classification" else "SequenceClassification"
+    pipeline_task = "token-classification" if recipe.task == "token_classification" else "text-classification"
     load = (
-        "from peft import AutoPeftModelForSequenceClassification\nimport finetune  # registers the architecture\n"
-        f"model = AutoPeftModelForSequenceClassification.from_pretrained('{run_dir}')"
+        f"import finetune  # registers the architecture\nfrom peft import AutoPeftModelFor{kind}\n"
+        f"model = AutoPeftModelFor{kind}.from_pretrained('{run_dir}')"
         if is_lora else
         "import finetune  # registers the architecture (or pass trust_remote_code=True)\nfrom transformers import pipeline\n"
-        f"classifier = pipeline('text-classification', model='{run_dir}')"
+        f"model = pipeline('{pipeline_task}', model='{run_dir}')"
     )
     card = f"""# {recipe.name}
 

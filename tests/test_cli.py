@@ -104,3 +104,15 @@ def test_python_entry_point_recipes_import(tmp_path):
     recipe.train.lr = 1e-4
     assert recipe.policy.kind == "lora" and recipe.train.epochs == 1 and recipe.train.lr == 1e-4
     assert sst2_minilm_lora().train.lr != 1e-4  # a fresh recipe each call
+
+
+def test_predict_refuses_a_txt_file_for_a_pair_model(tiny_backbone, pairs_dir, tmp_path, capsys):
+    """Single lines cannot feed a text-pair model: exit 2 naming the two columns it needs."""
+    recipe = tiny_recipe(tiny_backbone, pairs_dir, tmp_path, train={"max_steps": 2},
+                         data={"path": str(pairs_dir), "columns": {"text": "s1", "text_pair": "s2", "label": "relation"}})
+    run_dir = recipe.run().run_dir
+    capsys.readouterr()
+    inputs = tmp_path / "lines.txt"
+    inputs.write_text("just one sentence\n")
+    assert main(["predict", "--model", str(run_dir), "--input", str(inputs)]) == 2
+    assert "'s1' and 's2'" in capsys.readouterr().err

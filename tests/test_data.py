@@ -316,3 +316,18 @@ def test_collator_pads_to_multiple_of_8(task, tokenizer, tmp_path):
         assert (batch["labels"][0, len(out[0]["input_ids"]):] == -100).all()
     else:
         assert batch["labels"].tolist() == [0, 1, 0]
+
+
+def test_missing_label_column_is_named_before_labels_are_read(tmp_path):
+    """label_names reports a missing label column through the same friendly check as tokenize."""
+    raw = splits(train={"sentence": ["a"], "lable": ["x"]})
+    with pytest.raises(RecipeError, match=r"no column 'label'; its columns are \['sentence', 'lable'\]"):
+        label_names(recipe_for("d", tmp_path), raw)
+
+
+def test_regression_target_must_be_numeric(tmp_path):
+    """A non-numeric regression target is named with its split, row and column."""
+    recipe = recipe_for("d", tmp_path, task="regression", eval={"metrics": ["pearson"], "primary": "pearson"})
+    raw = splits(train={"sentence": ["a", "b"], "label": ["1.5", "high"]})
+    with pytest.raises(RecipeError, match=r"split 'train' row 2 column 'label' has 'high', not a number"):
+        label_names(recipe, raw)

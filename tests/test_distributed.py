@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
+import sys
 
 import pytest
 from conftest import REPO, tiny_recipe
@@ -22,9 +24,12 @@ def test_two_process_launch_trains_one_model_and_counts_each_example_once(kind, 
     path.write_text(recipe.to_yaml())
     run_dir = tmp_path / "ddp-run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     proc = subprocess.run(
-        ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
          "scripts/finetune.py", "--recipe", str(path), f"output.dir={run_dir}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )

@@ -99,3 +99,16 @@ def test_token_classification_run_loads_with_auto_class(tiny_backbone, ner_dir, 
         firsts = [p for p, w in enumerate(enc.word_ids(i)) if w is not None and (p == 0 or enc.word_ids(i)[p - 1] != w)]
         assert sentence["tags"] == [model.config.id2label[int(predicted[i, p])] for p in firsts]
         assert len(sentence["tags"]) == len(words[i])
+
+
+def test_moved_lora_run_still_loads_and_predicts_the_same(tiny_backbone, sentiment_dir, tmp_path):
+    """A LoRA run folder copied elsewhere loads its own base/, not the absolute path it was saved with."""
+    import shutil
+
+    recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path, policy={"kind": "lora", "lora": {"rank": 4}},
+                         train={"max_steps": 4, "lr": 1e-2})
+    run_dir = recipe.run().run_dir
+    before = _framework_probabilities(run_dir)
+    moved = tmp_path / "elsewhere"
+    shutil.move(str(run_dir), moved)
+    assert torch.allclose(_framework_probabilities(moved), before, atol=1e-6)

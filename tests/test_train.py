@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from conftest import tiny_recipe, write_tsv
@@ -173,3 +174,34 @@ def test_bf16_autocast_on_cpu_trains(tiny_backbone, sentiment_dir, tmp_path):
     recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path, train={"epochs": 4, "mixed_precision": "bf16"})
     result = recipe.run()
     assert result.metrics["validation"]["accuracy"] >= 0.85
+
+
+def test_binary_metric_on_three_labels_is_refused_before_writing(tiny_backbone, pairs_dir, tmp_path):
+    """f1 (positive class) on a 3-class task fails before the run folder exists, pointing to f1_macro."""
+    recipe = tiny_recipe(tiny_backbone, pairs_dir, tmp_path,
+                         data={"path": str(pairs_dir), "columns": {"text": "s1", "text_pair": "s2", "label": "relation"}},
+                         eval={"metrics": ["f1"], "primary": "f1"})
+    with pytest.raises(RecipeError, match="_macro"):
+        recipe.run()
+    assert not (tmp_path / "run").exists()
+
+
+def test_overwrite_never_deletes_a_folder_that_is_not_a_run(tiny_backbone, sentiment_dir, tmp_path):
+    """output.dir pointing at a non-empty folder of other files is refused, even with overwrite."""
+    precious = tmp_path / "project"
+    (precious / "checkpoints").mkdir(parents=True)
+    (precious / "notes.txt").write_text("keep me")
+    recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path, output={"dir": str(precious)}, train={"max_steps": 2})
+    with pytest.raises(RecipeError, match="holds no finetune run"):
+        recipe.run(overwrite=True)
+    assert (precious / "notes.txt").read_text() == "keep me"
+
+
+def test_run_in_the_default_folder_can_be_resumed_by_naming_it(tiny_backbone, sentiment_dir, tmp_path, monkeypatch):
+    """Without output.dir the run goes to runs/<name>-<time>; the saved recipe records it, so resume works."""
+    monkeypatch.chdir(tmp_path)
+    recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path, output={"dir": None}, train={"max_steps": 3})
+    result = recipe.run()
+    assert result.run_dir.parent == Path("runs") and result.run_dir.name.startswith("tiny-")
+    again = recipe.with_overrides([f"output.dir={result.run_dir}"]).run(resume=True)
+    assert again.best_step == result.best_step

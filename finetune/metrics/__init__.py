@@ -24,6 +24,8 @@ class MetricSpec(NamedTuple):
     """Keyword arguments for the module's compute()."""
     key: str
     """Key of the module's result that holds this metric."""
+    tasks: tuple[str, ...] = ("classification",)
+    """Recipe tasks whose predictions this metric can score."""
 
 
 REGISTRY: dict[str, MetricSpec] = {"accuracy": MetricSpec("accuracy", {}, "accuracy")}
@@ -34,11 +36,11 @@ for _score in ("f1", "precision", "recall"):
 REGISTRY.update(
     matthews_correlation=MetricSpec("matthews_correlation", {}, "matthews_correlation"),
     mcc=MetricSpec("matthews_correlation", {}, "matthews_correlation"),
-    pearson=MetricSpec("correlation", {}, "pearsonr"),
-    spearman=MetricSpec("correlation", {}, "spearmanr"),
-    entity_f1=MetricSpec("seqeval", {}, "overall_f1"),
-    entity_precision=MetricSpec("seqeval", {}, "overall_precision"),
-    entity_recall=MetricSpec("seqeval", {}, "overall_recall"),
+    pearson=MetricSpec("correlation", {}, "pearsonr", ("regression",)),
+    spearman=MetricSpec("correlation", {}, "spearmanr", ("regression",)),
+    entity_f1=MetricSpec("seqeval", {}, "overall_f1", ("token_classification",)),
+    entity_precision=MetricSpec("seqeval", {}, "overall_precision", ("token_classification",)),
+    entity_recall=MetricSpec("seqeval", {}, "overall_recall", ("token_classification",)),
 )
 
 # Only consulted for hub metrics: every shipped metric is higher-is-better.
@@ -47,6 +49,17 @@ _LOWER_IS_BETTER = {"loss", "wer", "cer", "ter", "mse", "mae", "mape", "smape", 
 # Loading an evaluate module costs time, so each is loaded once per process, on first use.
 _SHIPPED: dict[str, evaluate.EvaluationModule] = {}
 _HUB: dict[str, evaluate.EvaluationModule] = {}
+
+
+BINARY_ONLY = {"f1", "precision", "recall"}
+"""Scores of the positive class (label id 1): they need exactly two labels."""
+
+DEFAULTS = {
+    "classification": ["accuracy", "f1_macro"],
+    "regression": ["pearson", "spearman"],
+    "token_classification": ["entity_f1", "entity_precision", "entity_recall"],
+}
+"""Metrics a recipe gets when it names none; the first is the primary one."""
 
 
 def available_metrics() -> list[str]:
