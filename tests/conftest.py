@@ -129,7 +129,6 @@ def tiny_recipe(backbone: Path, data_dir: Path, tmp_path: Path, **sections) -> R
         "head": {"pooling": "mean"},
         "data": {"path": str(data_dir), "columns": {"text": "sentence"}, "max_length": 32},
         "train": {"epochs": 2, "batch_size": 16, "lr": 5e-3, "eval_every": "epoch", "log_every": 2},
-        "eval": {"metrics": ["accuracy"], "primary": "accuracy"},
         "output": {"dir": str(tmp_path / "run")},
     }
     for section, values in sections.items():

@@ -23,7 +23,7 @@ def build(backbone, data, tmp_path, task="classification", **policy):
     """The tiny model with the policy applied, and the recipe it came from."""
     recipe = make_recipe(backbone, data, tmp_path, **policy)
     if task != "classification":
-        recipe = recipe.with_overrides([f"task={task}"])
+        recipe = recipe.with_overrides([f"task={task}", "eval.metrics=[entity_f1]", "eval.primary=entity_f1"])
     model = apply_policy(build_model(recipe, backbone, LABELS), recipe)
     return model, recipe
 
