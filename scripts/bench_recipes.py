@@ -6,7 +6,8 @@
 
 Each recipe trains in its own process (so peak memory is that run's own). For SST-2 the test
 split is the 872-sentence GLUE dev set. Results go to benchmarks/<name>.json and a markdown
-table benchmarks/<name>.md, with the machine and the exact command.
+table benchmarks/<name>.md, with the machine and the exact command; each recipe's own result is
+kept in benchmarks/<name>/<recipe>.json as soon as it is measured.
 """
 
 from __future__ import annotations
@@ -55,11 +56,13 @@ def machine() -> dict:
             "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
-def markdown(title: str, results: list[dict], command: str, info: dict) -> str:
+def markdown(title: str, results: list[dict], info: dict) -> str:
+    commands = sorted({f"`{r['command']}` ({r['machine']['date']})" for r in results})
     lines = [
         f"# {title}", "",
-        f"Command: `{command}`  ", f"Machine: {info['cores']} CPU cores ({info['cpu']}), Python {info['python']}, "
-        f"torch {info['torch']} ({info['threads']} threads), no GPU  ", f"Date: {info['date']}", "",
+        "Commands: " + "; ".join(commands) + "  ",
+        f"Machine: {info['cores']} CPU cores ({info['cpu']}), Python {info['python']}, "
+        f"torch {info['torch']} ({info['threads']} threads), no GPU", "",
         "| recipe | trainable params | epochs | lr | metric | test | validation (best) | train time | samples/s | peak RSS |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -88,18 +91,21 @@ def main() -> int:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     command = "python scripts/bench_recipes.py " + " ".join(sys.argv[1:])
-    results = []
+    # One file per recipe, kept as soon as it is measured; the summary covers every recipe measured so far.
+    per_recipe = out_dir / args.name
+    per_recipe.mkdir(parents=True, exist_ok=True)
+    info = {**machine(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     for name in args.recipes.split(","):
-        out = out_dir / f".{name}.json"
+        out = per_recipe / f"{name}.json"
         overrides = [*args.overrides, f"output.dir={Path(args.runs_dir) / name}"]
         print(f"== {name}", flush=True)
         subprocess.run([sys.executable, __file__, "--child", name, str(out), *overrides], check=True)
-        results.append(json.loads(out.read_text()))
-        out.unlink()
-        print(json.dumps(results[-1]), flush=True)
-    info = {**machine(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-    table = markdown(args.title, results, command, info)
-    (out_dir / f"{args.name}.json").write_text(json.dumps({"command": command, "machine": info, "results": results}, indent=2))
+        result = {**json.loads(out.read_text()), "command": command, "machine": info}
+        out.write_text(json.dumps(result, indent=2))
+        print(json.dumps(result), flush=True)
+    results = [json.loads(path.read_text()) for path in sorted(per_recipe.glob("*.json"))]
+    table = markdown(args.title, results, info)
+    (out_dir / f"{args.name}.json").write_text(json.dumps({"results": results}, indent=2))
     (out_dir / f"{args.name}.md").write_text(table)
     print(table)
     return 0
