@@ -3,6 +3,7 @@
     python scripts/bench_recipes.py                      # the three SST-2 recipes -> benchmarks/sst2_recipes.{json,md}
     python scripts/bench_recipes.py --recipes trec_minilm_full,mrpc_minilm_lora --name other_recipes
     python scripts/bench_recipes.py --recipes sst2_minilm_head train.epochs=1     # overrides apply to every recipe
+    python scripts/bench_recipes.py --recipes ""                                   # rewrite the summary only
 
 Each recipe trains in its own process (so peak memory is that run's own). For SST-2 the test
 split is the 872-sentence GLUE dev set. Results go to benchmarks/<name>.json and a markdown
@@ -72,6 +73,7 @@ def markdown(title: str, results: list[dict], info: dict) -> str:
         lines.append(f"| {r['recipe']} | {r['trainable_parameters']:,} | {r['epochs']} | {r['lr']} | {metric} | {test} | "
                      f"{100 * r['validation'][metric]:.2f} % | {r['train_seconds'] / 60:.1f} min | "
                      f"{r['samples_per_second']:.0f} | {r['peak_rss_mb']:,} MB |")
+    lines += [f"\n{r['recipe']}: {r['note']}" for r in results if r.get("note")]
     return "\n".join(lines) + "\n"
 
 
@@ -95,7 +97,7 @@ def main() -> int:
     per_recipe = out_dir / args.name
     per_recipe.mkdir(parents=True, exist_ok=True)
     info = {**machine(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-    for name in args.recipes.split(","):
+    for name in [n for n in args.recipes.split(",") if n]:  # --recipes "" only rewrites the summary
         out = per_recipe / f"{name}.json"
         overrides = [*args.overrides, f"output.dir={Path(args.runs_dir) / name}"]
         print(f"== {name}", flush=True)
