@@ -301,7 +301,7 @@ class Recipe(Strict):
         return cls.from_dict(raw, overrides)
 
     def with_overrides(self, overrides: list[str] | tuple[str, ...]) -> "Recipe":
-        """A new recipe with dotted overrides applied (the same path a sweep trial takes)."""
+        """A new recipe with dotted overrides applied (the same code path as command-line overrides)."""
         return Recipe.from_dict(self.to_dict(), overrides)
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Data: load splits through ``datasets``, check columns and labels, tokenise, batch.
 
 Tokenised splits are cached by ``datasets`` (keyed by data fingerprint, tokenizer and
-max_length), so repeated runs and sweep trials don't tokenise again.
+max_length), so repeated runs don't tokenise again.
 """
 
 from __future__ import annotations
