@@ -3,6 +3,8 @@
     finetune train --recipe sst2_minilm_lora train.lr=3e-4 policy.lora.rank=16
     finetune eval --model runs/sst2_minilm_lora-20261128-120000 --split test
     finetune predict --model RUN_DIR --input sentences.txt
+    finetune sweep --recipe recipes/sst2_minilm_sweep.yaml sweep.n_trials=4
+    finetune sweep-report sweeps/sst2_minilm_sweep
 """
 
 from __future__ import annotations
@@ -86,6 +88,38 @@ def predict_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_sweep_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", required=True, help="recipe or sweep YAML with a sweep: section")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="recipe overrides (train.lr=...) and sweep overrides (sweep.n_trials=3)")
+    parser.add_argument("--storage", help="Optuna storage URL shared by workers, e.g. postgresql://user@host/db "
+                                          "(default: a journal file in the sweep folder)")
+    parser.add_argument("--study", help="study name (default: the recipe name)")
+
+
+def sweep_command(args: argparse.Namespace) -> int:
+    import recipes
+    from finetune.sweep import load_sweep_file, run_sweep
+
+    overrides = list(args.overrides)
+    overrides += [f"sweep.storage={args.storage}"] if args.storage else []
+    overrides += [f"sweep.study={args.study}"] if args.study else []
+    recipe, cfg = load_sweep_file(recipes.recipe_path(args.recipe), overrides)
+    result = run_sweep(recipe, cfg)
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps({"sweep_dir": str(result.sweep_dir), "best_trial": result.best_trial,
+                          f"best_{result.metric}": result.best_value, "best_params": result.best_params,
+                          "best_run_dir": str(result.best_run_dir) if result.best_run_dir else None}))
+    return 0
+
+
+def sweep_report_command(args: argparse.Namespace) -> int:
+    from finetune.sweep.report import report_from_dir
+
+    report_from_dir(args.sweep_dir)
+    return 0
+
+
 def recipes_command(args: argparse.Namespace) -> int:
     print(_recipes_epilog())
     return 0
@@ -109,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--input", required=True, help=".txt (one input per line) or a tsv/csv/json/jsonl/parquet file")
     pred.set_defaults(handler=predict_command)
     commands.add_parser("recipes", help="list the shipped recipes").set_defaults(handler=recipes_command)
+    sweep = commands.add_parser("sweep", help="run or resume a sweep (grid, random, bayes, gp)")
+    _add_sweep_args(sweep)
+    sweep.set_defaults(handler=sweep_command)
+    report = commands.add_parser("sweep-report", help="rebuild a sweep's table and plots")
+    report.add_argument("sweep_dir", help="the sweep folder")
+    report.set_defaults(handler=sweep_report_command)
     return parser
 
 
@@ -128,6 +168,19 @@ def train_main(argv: list[str] | None = None) -> int:
     _add_train_args(parser)
     try:
         return train_command(parser.parse_args(argv))
+    except RecipeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def sweep_main(argv: list[str] | None = None) -> int:
+    """``scripts/sweep.py``: the sweep command on its own."""
+    parser = argparse.ArgumentParser(prog="sweep.py", description="Run, resume or join a sweep (under accelerate "
+                                     "launch or python).", epilog=_recipes_epilog(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_sweep_args(parser)
+    try:
+        return sweep_command(parser.parse_args(argv))
     except RecipeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -12,10 +12,17 @@ import copy
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class RecipeError(ValueError):
@@ -72,7 +79,7 @@ class PolicyConfig(Strict):
     """LoRA settings, used when kind=lora."""
 
     @model_validator(mode="after")
-    def _freeze_settings_match_kind(self) -> "PolicyConfig":
+    def _freeze_settings_match_kind(self) -> PolicyConfig:
         freezes = self.freeze_embeddings or self.freeze_layers > 0
         if self.kind == "freeze" and not freezes:
             raise ValueError("kind=freeze needs freeze_embeddings=true and/or freeze_layers > 0")
@@ -176,7 +183,7 @@ class TrainConfig(Strict):
     """Seed for initialisation, dropout and data order."""
     group_by_length: bool = True
     """Batch examples of similar length (shuffled buckets) so less compute is spent on padding."""
-    eval_every: Union[Literal["epoch"], int] = "epoch"
+    eval_every: Literal["epoch"] | int = "epoch"
     """Evaluate every N optimizer steps, or at the end of each epoch."""
     early_stopping_patience: int | None = Field(default=None, gt=0)
     """Stop after this many evaluations without improvement of the primary metric."""
@@ -188,7 +195,7 @@ class TrainConfig(Strict):
     """Torch threads per process when training on CPU (default: available cores / processes)."""
 
     @model_validator(mode="after")
-    def _positive_eval_interval(self) -> "TrainConfig":
+    def _positive_eval_interval(self) -> TrainConfig:
         if isinstance(self.eval_every, int) and self.eval_every <= 0:
             raise ValueError("eval_every must be 'epoch' or a positive number of steps")
         return self
@@ -254,7 +261,7 @@ class Recipe(Strict):
         return {**raw, "eval": evaluation}
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Recipe":
+    def _consistent(self) -> Recipe:
         from finetune.metrics import REGISTRY
 
         if self.eval.primary != "loss" and self.eval.primary not in self.eval.metrics:
@@ -272,7 +279,7 @@ class Recipe(Strict):
 
     # --- construction ---------------------------------------------------------
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> "Recipe":
+    def from_dict(cls, raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
         """Validate a plain dict, after applying dotted ``key=value`` overrides.
 
         Raises:
@@ -285,22 +292,17 @@ class Recipe(Strict):
             raise RecipeError(_describe(err)) from None
 
     @classmethod
-    def from_yaml(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> "Recipe":
-        """Load a recipe file (safe YAML), then apply overrides.
+    def from_yaml(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+        """Load a recipe file (safe YAML; ``base:`` names a recipe it extends), then apply overrides.
 
         Raises:
-            RecipeError: the file is missing, not a YAML mapping, or invalid.
+            RecipeError: the file (or its base) is missing, not a YAML mapping, or invalid.
         """
-        path = Path(path)
-        if not path.is_file():
-            raise RecipeError(f"recipe file not found: {path}")
-        raw = yaml.safe_load(path.read_text())
-        if not isinstance(raw, dict):
-            raise RecipeError(f"{path}: expected a YAML mapping of recipe sections, got {type(raw).__name__}")
-        raw.pop("sweep", None)  # a recipe file may carry a sweep section for the (planned) sweep tool
+        raw = read_recipe_file(path)
+        raw.pop("sweep", None)  # a recipe file may carry a sweep section (see finetune.sweep)
         return cls.from_dict(raw, overrides)
 
-    def with_overrides(self, overrides: list[str] | tuple[str, ...]) -> "Recipe":
+    def with_overrides(self, overrides: list[str] | tuple[str, ...]) -> Recipe:
         """A new recipe with dotted overrides applied (the same code path as command-line overrides)."""
         return Recipe.from_dict(self.to_dict(), overrides)
 
@@ -318,6 +320,59 @@ class Recipe(Strict):
         from finetune.loop import run_recipe
 
         return run_recipe(self, resume=resume, overwrite=overwrite)
+
+    def sweep(self, parameters: dict[str, Any], method: str = "bayes", n_trials: int | None = None, **settings):
+        """Search over dotted recipe keys, e.g.
+        ``recipe.sweep({"train.lr": {"loguniform": [1e-5, 1e-3]}, "policy.lora.rank": [4, 8, 16]}, n_trials=12)``.
+
+        ``settings`` are any other sweep fields (objective, pruner, repeats, dir, storage, ...).
+        Returns a ``SweepResult`` (trials, best params, best run folder); re-running resumes.
+        """
+        from finetune.sweep import parse_sweep, run_sweep
+
+        raw = {"parameters": parameters, "method": method, **settings}
+        if n_trials is not None:
+            raw["n_trials"] = n_trials
+        return run_sweep(self, parse_sweep(raw))
+
+
+# --- files -------------------------------------------------------------------------
+
+
+def read_recipe_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The raw mapping of a recipe file. ``base: NAME_OR_PATH`` (a file next to this one, or a
+    shipped recipe) is read first and this file's sections are merged over it, key by key.
+
+    Raises:
+        RecipeError: a file is missing or not a mapping, or bases form a cycle.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    if path.resolve() in _seen:
+        raise RecipeError(f"{path}: base recipes form a cycle ({' -> '.join(p.name for p in _seen)})")
+    raw = yaml.safe_load(path.read_text())
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: expected a YAML mapping of recipe sections, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    local = path.parent / str(base)
+    if not local.is_file():
+        import recipes
+
+        local = recipes.recipe_path(str(base))
+    parent = read_recipe_file(local, (*_seen, path.resolve()))
+    parent.pop("sweep", None)  # a base's own sweep doesn't carry over
+    return _merge(parent, raw)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        both_sections = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merge(merged[key], value) if both_sections else value
+    return merged
 
 
 # --- dotted overrides -------------------------------------------------------------

@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -32,8 +33,18 @@ from finetune.backbones import build_model, default_pooling, resolve_backbone
 from finetune.config import Recipe, RecipeError
 from finetune.metrics import BINARY_ONLY, MetricSuite, greater_is_better
 from finetune.policies import apply_policy, count_parameters
-from finetune.runs import (RunResult, atomic_write_text, check_same_recipe, export_model, load_trainable,
-                           prepare_run_dir, replace_dir, save_base, save_trainable, write_model_card)
+from finetune.runs import (
+    RunResult,
+    atomic_write_text,
+    check_same_recipe,
+    export_model,
+    load_trainable,
+    prepare_run_dir,
+    replace_dir,
+    save_base,
+    save_trainable,
+    write_model_card,
+)
 
 log = logging.getLogger("finetune")
 LOG_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
@@ -125,7 +136,11 @@ def evaluate(model, loader, accelerator: Accelerator, recipe: Recipe, metrics: M
 class Run:
     """One training run: its parts, its folder, its state."""
 
-    def __init__(self, recipe: Recipe):
+    def __init__(self, recipe: Recipe, on_validation: Callable[[dict], None] | None = None, quiet: bool = False):
+        """``on_validation(record)`` runs after each validation is checkpointed; a sweep uses it to
+        report to its study and may raise to stop the run (pruning). ``quiet`` keeps the console
+        to warnings and a transient progress bar (train.log still gets everything)."""
+        self.on_validation, self.quiet = on_validation, quiet
         # Validate again as a whole: attribute assignment checks one field, not how sections fit together.
         self.recipe = recipe = Recipe.from_dict(recipe.to_dict())
         # Accelerate keeps one global state per process; several runs in one Python process (a
@@ -139,7 +154,7 @@ class Run:
             mixed_precision=recipe.train.mixed_precision,
         )
         set_seed(recipe.train.seed)
-        _setup_logging(accelerator)
+        _setup_logging(accelerator, quiet)
         if accelerator.device.type == "cpu":
             # `accelerate launch` sets OMP_NUM_THREADS=1 even for one process, which halves CPU speed
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -247,7 +262,7 @@ class Run:
     def train(self) -> None:
         accelerator, cfg, state, model = self.accelerator, self.recipe.train, self.state, self.model
         model.train()
-        progress = tqdm(total=self.total_steps, initial=state.global_step, desc="training",
+        progress = tqdm(total=self.total_steps, initial=state.global_step, desc="training", leave=not self.quiet,
                         disable=not accelerator.is_local_main_process)
         started = time.perf_counter() - state.train_seconds - state.eval_seconds
         running_loss, losses_in_window, stop = torch.zeros((), device=accelerator.device), 0, False
@@ -334,6 +349,8 @@ class Run:
         log.info("step %d validation: %s", state.global_step, "  ".join(f"{k} {v:.4f}" for k, v in result.items()))
         state.eval_seconds += time.perf_counter() - started
         self.save_checkpoint()
+        if self.on_validation is not None:
+            self.on_validation(record)
         patience = recipe.train.early_stopping_patience
         return patience is not None and state.evals_without_improvement >= patience
 
@@ -391,13 +408,16 @@ class Run:
 # --- helpers ------------------------------------------------------------------------------
 
 
-def _setup_logging(accelerator: Accelerator) -> None:
+def _setup_logging(accelerator: Accelerator, quiet: bool = False) -> None:
     """Readable INFO lines from the main process; the other processes only warn."""
     log.setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
-    log.handlers.clear()
+    for handler in list(log.handlers):  # an earlier run's (in a sweep or notebook): close its log file
+        handler.close()
+        log.removeHandler(handler)
     log.propagate = False
     handler = logging.StreamHandler()
     handler.setFormatter(LOG_FORMAT)
+    handler.setLevel(logging.WARNING if quiet else logging.INFO)
     log.addHandler(handler)
 
 
@@ -446,7 +466,7 @@ def _on_main_process(accelerator: Accelerator, action) -> None:
     if accelerator.is_main_process:
         try:
             action()
-        except Exception as err:  # noqa: BLE001 - re-raised below, on every process
+        except Exception as err:
             if accelerator.num_processes == 1:
                 raise
             error[0] = (isinstance(err, RecipeError), f"{type(err).__name__}: {err}")

@@ -1,0 +1,220 @@
+"""The sweep section: what to search, how, for how long, and what to keep.
+
+A sweep is a recipe plus a ``sweep:`` section, either in the recipe file itself or in a sweep
+file that names its base recipe::
+
+    base: sst2_minilm_lora          # a shipped recipe name, or a path relative to this file
+    data: {max_train_samples: 8000} # optional recipe sections, merged over the base
+    sweep:
+      method: bayes
+      n_trials: 12
+      parameters:
+        train.lr: {loguniform: [1.0e-5, 3.0e-3]}
+        train.epochs: {int: [1, 3]}
+        policy.lora.rank: {choice: [4, 8, 16, 32]}
+"""
+
+from __future__ import annotations
+
+import builtins
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from finetune.config import (
+    Recipe,
+    RecipeError,
+    Strict,
+    _describe,
+    known_keys,
+    read_recipe_file,
+)
+
+Method = Literal["grid", "random", "bayes", "gp"]
+
+
+class ParamSpec(Strict):
+    """One searched dimension: exactly one of choice, uniform, loguniform or int."""
+
+    choice: list[Any] | None = Field(default=None, min_length=1)
+    """Values to pick from. Mappings of dotted keys set several recipe keys together (paired settings)."""
+    uniform: tuple[float, float] | None = None
+    """Float range [lo, hi]."""
+    loguniform: tuple[float, float] | None = None
+    """Float range [lo, hi] sampled on a log scale (learning rates)."""
+    int: tuple[builtins.int, builtins.int] | None = None
+    """Integer range [lo, hi], both ends included."""
+    step: float | None = Field(default=None, gt=0)
+    """Spacing of uniform / int values."""
+    log: bool = False
+    """int ranges: sample on a log scale."""
+    when: dict[str, Any] | None = None
+    """Only sample this parameter when earlier parameters have these values (a value or a list of values)."""
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ParamSpec:
+        kinds = [k for k in ("choice", "uniform", "loguniform", "int") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError(f"give exactly one of choice, uniform, loguniform, int; got {kinds or 'none'}")
+        bounds = self.uniform or self.loguniform or self.int
+        if bounds is not None and bounds[0] > bounds[1]:
+            raise ValueError(f"range {list(bounds)} has lo > hi")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError(f"loguniform needs lo > 0; got {list(self.loguniform)}")
+        if self.log and self.int is None:
+            raise ValueError("log applies to int ranges; use loguniform for floats")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("choice", "uniform", "loguniform", "int") if getattr(self, k) is not None)
+
+    @property
+    def paired(self) -> bool:
+        """Each choice is a mapping of recipe keys set together."""
+        return self.choice is not None and all(isinstance(v, dict) for v in self.choice)
+
+
+class Objective(Strict):
+    metric: str | None = None
+    """Validation metric to optimise (default: the recipe's eval.primary). A trial's value is its best evaluation."""
+    direction: Literal["maximize", "minimize"] | None = None
+    """Default: maximize for scores, minimize for loss."""
+
+
+class PrunerConfig(Strict):
+    kind: Literal["none", "median", "hyperband"] = "none"
+    """Stop unpromising trials early, judged at each validation: median rule, or Hyperband (ASHA brackets)."""
+    warmup_steps: int = Field(default=0, ge=0)
+    """median: never prune a trial before this optimizer step."""
+    startup_trials: int = Field(default=2, ge=0)
+    """median: never prune before this many trials have finished."""
+    min_resource: int | None = Field(default=None, gt=0)
+    """hyperband: optimizer steps before the first cut (default: the first evaluation's step)."""
+    max_resource: int | None = Field(default=None, gt=0)
+    """hyperband: optimizer steps of the longest trial (default: learned from the first finished trial,
+    whose own evaluations are then not compared)."""
+    reduction_factor: int = Field(default=3, ge=2)
+    """hyperband: keep 1 in this many trials at each rung."""
+
+
+class SweepConfig(Strict):
+    method: Method = "bayes"
+    """grid (every combination), random, bayes (multivariate TPE) or gp (Gaussian process)."""
+    parameters: dict[str, ParamSpec | list[Any]] = Field(min_length=1)
+    """Dotted recipe key -> distribution; a plain list means choice."""
+    objective: Objective = Objective()
+    n_trials: int | None = Field(default=None, gt=0)
+    """Trials in the whole study (re-running does not add more). Default: the grid size, or 20."""
+    timeout: float | None = Field(default=None, gt=0)
+    """Seconds after which this worker starts no new trial."""
+    seed: int = 0
+    """Seed of the sampler: the same seed proposes the same settings."""
+    startup_trials: int | None = Field(default=None, ge=0)
+    """bayes/gp: random trials before the model guides (default: a quarter of n_trials, 1 to 10)."""
+    repeats: int = Field(default=1, gt=0)
+    """Train each setting with this many seeds (train.seed, +1, ...); the value is their mean."""
+    pruner: PrunerConfig = PrunerConfig()
+    dir: str | None = None
+    """Sweep folder (default: the recipe's output.dir, else sweeps/<recipe name>). Re-running with the same folder resumes."""
+    storage: str | None = None
+    """Optuna storage URL (postgresql://..., sqlite:///...) or a journal file; default: a journal file in dir."""
+    study: str | None = None
+    """Study name (default: the recipe name); workers with the same storage and study share the trials."""
+    keep_top_k: int | None = Field(default=3, ge=1)
+    """Keep the models of the best k trials (null keeps all); others keep their metrics and logs."""
+    heartbeat_seconds: float = Field(default=20.0, gt=0)
+    """A running trial records a heartbeat this often; one silent for 3 beats is taken as dead and re-run."""
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _lists_are_choices(cls, value):
+        if isinstance(value, dict):
+            return {k: {"choice": v} if isinstance(v, list) else v for k, v in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _check_space(self) -> SweepConfig:
+        recipe_keys = set(known_keys())
+        seen: list[str] = []
+        for key, spec in self.parameters.items():
+            if spec.paired:
+                for choice in spec.choice:
+                    bad = [k for k in choice if k not in recipe_keys]
+                    if bad:
+                        raise ValueError(f"parameters.{key}: unknown recipe key {bad[0]!r} in a paired choice")
+            elif key not in recipe_keys or key.startswith(("sweep.", "output.")):
+                raise ValueError(f"parameters: {key!r} is not a recipe key that can be searched")
+            for cond in (spec.when or {}):
+                if cond not in seen:
+                    raise ValueError(f"parameters.{key}.when: {cond!r} must be a parameter listed before {key!r}")
+            seen.append(key)
+            if self.method == "grid" and spec.kind in ("uniform", "loguniform"):
+                raise ValueError(f"parameters.{key}: grid search needs a list of values, not a continuous "
+                                 f"{spec.kind} range; give choice: [...] or use method random/bayes/gp")
+        if self.method == "grid" and self.n_trials is not None:
+            from finetune.sweep.space import grid_points
+
+            size = len(grid_points(self.parameters))
+            if self.n_trials > size:
+                raise ValueError(f"n_trials={self.n_trials} exceeds the grid's {size} combinations")
+        return self
+
+    def trials_total(self) -> int:
+        if self.n_trials is not None:
+            return self.n_trials
+        if self.method == "grid":
+            from finetune.sweep.space import grid_points
+
+            return len(grid_points(self.parameters))
+        return 20
+
+    def guided_after(self) -> int:
+        """bayes/gp: how many finished trials the sampler waits for before it models the results."""
+        if self.startup_trials is not None:
+            return self.startup_trials
+        return max(1, min(10, self.trials_total() // 4))
+
+
+def load_sweep_file(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Recipe, SweepConfig]:
+    """Read a recipe file with a ``sweep:`` section (it may extend a ``base:`` recipe).
+
+    Overrides starting with ``sweep.`` set the sweep section; the others the recipe.
+
+    Raises:
+        RecipeError: missing file or section, invalid recipe, invalid sweep.
+    """
+    raw = read_recipe_file(path)
+    if "sweep" not in raw:
+        raise RecipeError(f"{path}: has no 'sweep:' section to run")
+    sweep_raw = raw.pop("sweep")
+    recipe_overrides = [o for o in overrides if not o.strip().startswith("sweep.")]
+    sweep_overrides = [o.strip()[len("sweep."):] for o in overrides if o.strip().startswith("sweep.")]
+    recipe = Recipe.from_dict(raw, recipe_overrides)
+    return recipe, parse_sweep(sweep_raw, sweep_overrides)
+
+
+def parse_sweep(raw: Any, overrides: list[str] | tuple[str, ...] = ()) -> SweepConfig:
+    """Validate a sweep section (after ``key=value`` overrides such as ``n_trials=3``)."""
+    if not isinstance(raw, dict):
+        raise RecipeError(f"sweep: expected a mapping, got {type(raw).__name__}")
+    raw = copy.deepcopy(raw)
+    for text in overrides:
+        key, sep, value = text.partition("=")
+        if not sep:
+            raise RecipeError(f"override sweep.{text!r} must look like sweep.key=value")
+        *parents, leaf = key.strip().split(".")
+        node = raw
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"override sweep.{key}: '{part}' is not a section")
+        node[leaf] = yaml.safe_load(value) if value.strip() else None
+    try:
+        return SweepConfig.model_validate(raw)
+    except ValidationError as err:
+        raise RecipeError(_describe(err).replace("invalid recipe:", "invalid sweep section:")
+                          .replace("unknown recipe key '", "unknown sweep key 'sweep.")) from None

@@ -1,0 +1,160 @@
+"""The sweep report, written at the end of a sweep and by ``finetune sweep-report DIR``:
+a table of trials (CSV, JSON, markdown) and Optuna's plots as PNG (matplotlib) and HTML (plotly).
+No server needed; ``optuna-dashboard`` reads the same storage for a live view."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+from optuna.trial import TrialState
+
+from finetune.config import RecipeError
+from finetune.sweep.config import SweepConfig, parse_sweep
+
+log = logging.getLogger("finetune.sweep")
+COLUMNS = ["number", "slot", "state", "value", "overrides", "best_step", "seconds", "train_seconds", "guided",
+           "ci95", "retry_of", "model", "worker", "rss_mb", "error"]
+
+
+def trial_rows(study: optuna.Study, metric: str) -> list[dict[str, Any]]:
+    rows = []
+    for trial in study.get_trials(deepcopy=False):
+        if trial.state == TrialState.WAITING:
+            continue
+        attrs = trial.user_attrs
+        row = {"number": trial.number, "slot": attrs.get("slot"), "state": trial.state.name,
+               "value": trial.value if trial.state == TrialState.COMPLETE else None,
+               "overrides": " ".join(attrs.get("overrides", [])), "params": trial.params,
+               "best_step": attrs.get("best_step"), "seconds": attrs.get("seconds"),
+               "train_seconds": attrs.get("train_seconds"), "guided": attrs.get("guided"),
+               "ci95": attrs.get("ci95"), "values": attrs.get("values"), "retry_of": attrs.get("retry_of"),
+               "model": attrs.get("model_dir"), "test": attrs.get("test"), "error": attrs.get("error"),
+               "worker": attrs.get("worker"), "rss_mb": attrs.get("rss_mb"),
+               "intermediate": {str(k): v for k, v in sorted(trial.intermediate_values.items())}}
+        if trial.state == TrialState.PRUNED and trial.intermediate_values:
+            row["pruned_at_step"] = max(trial.intermediate_values)
+        rows.append(row)
+    return rows
+
+
+def write_report(study: optuna.Study, sweep_dir: Path, cfg: SweepConfig, metric: str) -> list[dict[str, Any]]:
+    """Write report/ (trials.csv, trials.json, report.md, plots) and print the table; returns the rows."""
+    out = sweep_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = trial_rows(study, metric)
+    (out / "trials.json").write_text(json.dumps(rows, indent=2, default=str))
+    with open(out / "trials.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS + [f"test_{metric}"], extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, f"test_{metric}": (row["test"] or {}).get(metric)})
+    plots = _plots(study, out, cfg)
+    table = _markdown_table(rows, metric)
+    summary = _summary(study, cfg, metric, rows)
+    (out / "report.md").write_text(f"# Sweep {study.study_name}\n\n{summary}\n\n{table}\n\n## Plots\n\n"
+                                   + "\n".join(f"- {name}: [{name}.png]({name}.png), [{name}.html]({name}.html)"
+                                               if ok else f"- {name}: not drawn ({why})" for name, (ok, why) in plots.items())
+                                   + "\n")
+    log.info("%s\n%s\nreport: %s", summary, table, out)
+    return rows
+
+
+def _summary(study: optuna.Study, cfg: SweepConfig, metric: str, rows: list[dict]) -> str:
+    counts = {state: sum(r["state"] == state for r in rows) for state in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}
+    lines = [f"{cfg.method} search, {study.direction.name.lower()} validation {metric}; "
+             + ", ".join(f"{n} {state.lower()}" for state, n in counts.items() if n)]
+    if cfg.method in ("bayes", "gp"):
+        guided = sum(bool(r["guided"]) for r in rows)
+        lines.append(f"{guided} of {len(rows)} trials were proposed by the model; the others were random "
+                     f"(the first {cfg.guided_after()} finished trials) or re-runs of fixed settings.")
+    complete = [r for r in rows if r["state"] == "COMPLETE"]
+    if complete:
+        best = (max if study.direction.name == "MAXIMIZE" else min)(complete, key=lambda r: r["value"])
+        test = (best["test"] or {}).get(metric)
+        lines.append(f"best: trial {best['number']} {metric} {best['value']:.4f}"
+                     + (f" (test {test:.4f})" if test is not None else "")
+                     + f" with {best['overrides'] or 'the base recipe'}; model in best/")
+    return "\n".join(lines)
+
+
+def _markdown_table(rows: list[dict], metric: str) -> str:
+    lines = [f"| trial | state | {metric} | settings | best step | seconds | note |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        value = "" if r["value"] is None else f"{r['value']:.4f}" + (f" ± {r['ci95']:.4f}" if r["ci95"] else "")
+        note = r["error"] or (f"pruned at step {r['pruned_at_step']}" if r.get("pruned_at_step") is not None else "")
+        lines.append(f"| {r['number']} | {r['state']} | {value} | {r['overrides']} | {r['best_step'] or ''} | "
+                     f"{r['seconds'] or ''} | {note.replace('|', '/')[:120]} |")
+    return "\n".join(lines)
+
+
+def _contour_params(cfg: SweepConfig) -> list[str]:
+    numeric = [k for k, s in cfg.parameters.items() if not s.paired]
+    preferred = [k for k in ("train.lr", "policy.lora.rank") if k in numeric]
+    return (preferred + [k for k in numeric if k not in preferred])[:2]
+
+
+def _plots(study: optuna.Study, out: Path, cfg: SweepConfig) -> dict[str, tuple[bool, str]]:
+    """Each plot as PNG and HTML; a plot that needs more trials than there are is listed, not drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna.visualization as interactive
+    import optuna.visualization.matplotlib as static
+
+    pair = _contour_params(cfg)
+    wanted = {"history": ("plot_optimization_history", {}), "importances": ("plot_param_importances", {}),
+              "slice": ("plot_slice", {}), "contour": ("plot_contour", {"params": pair}),
+              "parallel_coordinates": ("plot_parallel_coordinate", {}),
+              "intermediate_values": ("plot_intermediate_values", {})}
+    complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    done: dict[str, tuple[bool, str]] = {}
+    for name, (function, kwargs) in wanted.items():
+        if name == "importances" and (complete < 2 or len(cfg.parameters) < 2):
+            done[name] = (False, "needs 2 finished trials and 2 parameters")
+            continue
+        if name == "contour" and len(pair) < 2:
+            done[name] = (False, "needs 2 numeric parameters")
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # optuna marks its matplotlib plots experimental
+                axes = getattr(static, function)(study, **kwargs)
+                figure = (axes.flat[0] if hasattr(axes, "flat") else axes).get_figure()
+                figure.set_size_inches(9, 6)
+                figure.tight_layout()
+                figure.savefig(out / f"{name}.png", dpi=110)
+                plt.close(figure)
+                getattr(interactive, function)(study, **kwargs).write_html(out / f"{name}.html",
+                                                                           include_plotlyjs="directory")
+            done[name] = (True, "")
+        except Exception as err:  # noqa: BLE001 - e.g. too few trials for this plot; the table still stands
+            plt.close("all")
+            done[name] = (False, f"{type(err).__name__}: {err}")
+    return done
+
+
+def report_from_dir(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """``finetune sweep-report DIR``: rebuild the report from the study the folder names.
+
+    Raises:
+        RecipeError: the folder holds no sweep.
+    """
+    from finetune.sweep.study import open_storage
+
+    sweep_dir = Path(sweep_dir)
+    if not (sweep_dir / "sweep.yaml").is_file():
+        raise RecipeError(f"{sweep_dir} holds no sweep (sweep.yaml is missing)")
+    saved = yaml.safe_load((sweep_dir / "sweep.yaml").read_text())
+    cfg = parse_sweep(saved["sweep"])
+    study_name = cfg.study or saved["name"]
+    study = optuna.load_study(study_name=study_name, storage=open_storage(cfg.storage, sweep_dir))
+    metric = cfg.objective.metric or saved["eval"]["primary"]
+    return write_report(study, sweep_dir, cfg, metric)

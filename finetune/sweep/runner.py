@@ -1,0 +1,385 @@
+"""Running a sweep: pop a trial slot, turn its settings into overrides, train a fresh recipe run,
+report each validation to the pruner, record the trial, keep the disk within budget.
+
+    SWEEP_DIR/
+      sweep.yaml        the base recipe and the sweep section
+      study.journal     the Optuna study (default storage)
+      sweep.log         one line per trial
+      trials/0003/      a run folder per trial (seed-K/ subfolders when repeats > 1)
+      best/             the best trial's run folder (hard links), loads like any run
+      report/           trials.csv, trials.json, report.md, plots (PNG and HTML)
+
+Under ``accelerate launch --num_processes N`` the main process talks to the study and
+broadcasts each trial's overrides; every process trains the trial together and they take
+each pruning decision the main process broadcasts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import psutil
+import torch
+import yaml
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
+from optuna.trial import TrialState
+
+from finetune.config import Recipe, RecipeError
+from finetune.loop import Run, _multi_process_without_accelerator
+from finetune.runs import replace_dir
+from finetune.sweep import study as studies
+from finetune.sweep.config import SweepConfig
+from finetune.sweep.space import suggest, to_overrides
+
+log = logging.getLogger("finetune.sweep")
+# What a trial folder keeps when its model is removed to stay within keep_top_k
+KEPT_WITHOUT_MODEL = {"recipe.yaml", "train.log", "metrics.jsonl", "metrics.json", "README.md", "label_map.json"}
+
+
+@dataclass
+class SweepResult:
+    sweep_dir: Path
+    study_name: str
+    metric: str
+    direction: str
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    """One row per trial, as in report/trials.json."""
+    best_trial: int | None = None
+    best_value: float | None = None
+    best_params: list[str] = field(default_factory=list)
+    """The best trial's overrides, e.g. ['train.lr=0.0003', 'policy.lora.rank=16']."""
+    best_run_dir: Path | None = None
+    """``<sweep_dir>/best``: the best trial's run folder."""
+
+    @property
+    def best_recipe(self) -> Recipe | None:
+        return Recipe.from_yaml(self.best_run_dir / "recipe.yaml") if self.best_run_dir else None
+
+
+def run_sweep(recipe: Recipe, cfg: SweepConfig) -> SweepResult:
+    """Run (or resume, or join) the sweep; returns its trials and best run once no slot is left.
+
+    Raises:
+        RecipeError: invalid search space, objective or storage; a study with other settings.
+    """
+    return Sweep(recipe, cfg).run()
+
+
+class Sweep:
+    def __init__(self, recipe: Recipe, cfg: SweepConfig):
+        self.recipe, self.cfg = recipe, cfg
+        self.metric = cfg.objective.metric or recipe.eval.primary
+        if self.metric != "loss" and self.metric not in recipe.eval.metrics:
+            raise RecipeError(f"sweep.objective.metric={self.metric!r} is not computed; add it to eval.metrics "
+                              f"{recipe.eval.metrics} or use 'loss'")
+        self.direction = studies.direction(cfg, self.metric)
+        _check_values(recipe, cfg)
+        self.sweep_dir = Path(cfg.dir or recipe.output.dir or Path("sweeps") / recipe.name)
+        self.study_name = cfg.study or recipe.name
+        # the process group, for broadcasting trials; each trial's Run builds its own Accelerator on it
+        self.state = PartialState(cpu=_multi_process_without_accelerator())
+        self.study: optuna.Study | None = None
+
+    # --- the loop ---------------------------------------------------------------
+
+    def run(self) -> SweepResult:
+        from finetune.sweep.report import write_report
+
+        if self.state.is_main_process:
+            self._open()
+        started, waiting_since = time.monotonic(), None
+        while True:
+            message = [None]
+            if self.state.is_main_process:
+                message[0] = self._next_trial(started)
+                if message[0] == "wait":
+                    waiting_since = waiting_since or time.monotonic()
+                    time.sleep(self.cfg.heartbeat_seconds)
+                    continue
+            waiting_since = None
+            if self.state.num_processes > 1:
+                broadcast_object_list(message)
+            if message[0] is None:
+                break
+            self._run_trial(**message[0])
+        if not self.state.is_main_process:
+            return SweepResult(self.sweep_dir, self.study_name, self.metric, self.direction)
+        self._update_best()
+        rows = write_report(self.study, self.sweep_dir, self.cfg, self.metric)
+        return self._result(rows)
+
+    def _open(self) -> None:
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)
+        _setup_sweep_log(self.sweep_dir)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # we print one line per trial ourselves
+        storage = studies.open_storage(self.cfg.storage, self.sweep_dir)
+        base = self.recipe.to_dict()
+        base.pop("output")
+        fingerprint = {"recipe": base, "parameters": {k: v.model_dump(exclude_defaults=True)
+                                                      for k, v in self.cfg.parameters.items()},
+                       "method": self.cfg.method, "metric": self.metric, "repeats": self.cfg.repeats}
+        self.study = studies.open_study(self.cfg, storage, self.study_name, self.direction,
+                                        json.loads(json.dumps(fingerprint)))
+        sweep_file = {**self.recipe.to_dict(), "sweep": self.cfg.model_dump(mode="json", exclude_defaults=True)}
+        (self.sweep_dir / "sweep.yaml").write_text(yaml.safe_dump(sweep_file, sort_keys=False))
+        done = len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)))
+        guided = (f", model-guided after {self.cfg.guided_after()} finished trials"
+                  if self.cfg.method in ("bayes", "gp") else "")
+        log.info("sweep %s: %s search, %d trials (%d done), %s %s on validation%s; folder %s", self.study_name,
+                 self.cfg.method, self.cfg.trials_total(), done, self.direction, self.metric, guided, self.sweep_dir)
+
+    def _next_trial(self, started: float) -> dict | str | None:
+        """The next trial's settings; "wait" while only other workers' trials are left; None when done."""
+        cfg, study = self.cfg, self.study
+        if cfg.timeout and time.monotonic() - started > cfg.timeout:
+            log.info("timeout of %.0f s reached; starting no new trial", cfg.timeout)
+            return None
+        for number in studies.recover_stale(study, cfg.heartbeat_seconds, self.sweep_dir):
+            log.info("trial %d: its worker stopped sending heartbeats; its settings are queued again", number)
+        started_trials = study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE,
+                                                                  TrialState.PRUNED, TrialState.FAIL))
+        finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in started_trials)
+        trial = studies.pop_trial(study, cfg, seed_offset=len(started_trials))
+        if trial is None:
+            return "wait" if study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) else None
+        fixed = cfg.method == "grid" or "retry_of" in trial.user_attrs  # settings given, not sampled
+        try:
+            params = suggest(trial, cfg.parameters)
+        except Exception as err:  # noqa: BLE001 - a sampler failure fails this trial, not the sweep
+            self._finish(trial, TrialState.FAIL, error=f"sampling failed: {type(err).__name__}: {err}")
+            return self._next_trial(started)
+        guided = cfg.method in ("bayes", "gp") and not fixed and finished >= cfg.guided_after()
+        overrides = to_overrides(params, cfg.parameters)
+        trial.set_user_attr("overrides", overrides)
+        trial.set_user_attr("guided", guided)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        self.trial = trial
+        return {"number": trial.number, "overrides": overrides}
+
+    # --- one trial -----------------------------------------------------------------
+
+    def _run_trial(self, number: int, overrides: list[str]) -> None:
+        cfg, main = self.cfg, self.state.is_main_process
+        trial = self.trial if main else None
+        trial_dir = self.sweep_dir / "trials" / f"{number:04d}"
+        began = time.monotonic()
+        values, results, state, error = [], [], TrialState.COMPLETE, None
+        heartbeat = studies.Heartbeat(self.study, trial._trial_id, cfg.heartbeat_seconds) if main else None
+        try:
+            with heartbeat or contextlib.nullcontext():
+                for repeat in range(cfg.repeats):
+                    run_dir = trial_dir if cfg.repeats == 1 else trial_dir / f"seed-{repeat}"
+                    recipe = self._trial_recipe(overrides, run_dir, repeat)
+                    result = _train(recipe, self._pruning_hook(trial) if repeat == 0 else None)
+                    values.append(result.metrics["validation"][self.metric])
+                    results.append(result)
+        except optuna.TrialPruned:
+            state = TrialState.PRUNED
+        except KeyboardInterrupt:
+            if main:  # give the slot back, so re-running the command runs it
+                self._finish(trial, TrialState.FAIL, error="interrupted (Ctrl-C)")
+                self.study.enqueue_trial(trial.params, user_attrs={"slot": trial.user_attrs.get("slot"),
+                                                                   "retry_of": trial.number}, skip_if_exists=False)
+            raise
+        except Exception as err:  # noqa: BLE001 - NaN, a bad combination, out of memory: record and go on
+            state, error = TrialState.FAIL, f"{type(err).__name__}: {err}"
+        finally:
+            gc.collect()  # the trial's model, optimizer and data loaders go now, not at some later trial
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        if not main:
+            return
+        seconds = time.monotonic() - began
+        attrs: dict[str, Any] = {"seconds": round(seconds, 1), "run_dir": str(trial_dir.relative_to(self.sweep_dir)),
+                                 "rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1)}  # shows leaks
+        value = None
+        if state == TrialState.COMPLETE:
+            value = statistics.fmean(values)
+            best = max(range(len(values)), key=lambda i: values[i] if self.direction == "maximize" else -values[i])
+            attrs.update(best_step=results[best].best_step, test=results[best].metrics.get("test"),
+                         train_seconds=round(sum(r.metrics["train_seconds"] for r in results), 1),
+                         model_dir=str(results[best].run_dir.relative_to(self.sweep_dir)))
+            if len(values) > 1:
+                attrs.update(values=values, ci95=_ci95(values))
+            if math.isnan(value):
+                state, error = TrialState.FAIL, f"the objective {self.metric} is NaN"
+        self._finish(trial, state, value=value, error=error, **attrs)
+        _remove_checkpoints(trial_dir)
+        if state == TrialState.COMPLETE:
+            self._keep_top_k()
+            self._update_best()
+        best = self._best_so_far()
+        log.info("trial %d %s%s in %.0f s | %s%s", number, state.name,
+                 f" {self.metric} {value:.4f}" if value is not None and state == TrialState.COMPLETE else "",
+                 seconds, " ".join(overrides) or "(base recipe)",
+                 f" | best {best.value:.4f} (trial {best.number})" if best else "")
+        if error:
+            log.info("trial %d error: %s", number, error)
+
+    def _trial_recipe(self, overrides: list[str], run_dir: Path, repeat: int) -> Recipe:
+        recipe = self.recipe.with_overrides(overrides)  # a bad combination raises here and fails the trial
+        extra = [f"output.dir={run_dir}", "output.overwrite=true"]
+        if self.metric != "loss":  # checkpoint selection follows the objective
+            extra.append(f"eval.primary={self.metric}")
+        if repeat:
+            extra.append(f"train.seed={recipe.train.seed + repeat}")
+        return recipe.with_overrides(extra)
+
+    def _pruning_hook(self, trial: optuna.Trial | None):
+        """Report each validation (the report plots them); prune when the study's pruner says so,
+        decided on the main process for all processes."""
+
+        def hook(record: dict) -> None:
+            decision = [False]
+            if trial is not None:
+                value = record.get(self.metric)
+                if value is not None and not math.isnan(value):
+                    trial.report(value, record["step"])
+                    decision[0] = trial.should_prune()
+            if self.state.num_processes > 1:
+                broadcast_object_list(decision)
+            if decision[0]:
+                raise optuna.TrialPruned(f"pruned at step {record['step']}")
+
+        return hook
+
+    def _finish(self, trial: optuna.Trial, state: TrialState, value: float | None = None, error: str | None = None,
+                **attrs) -> None:
+        for key, item in attrs.items():
+            trial.set_user_attr(key, item)
+        if error:
+            trial.set_user_attr("error", error[:2000])
+        self.study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+
+    # --- disk budget and the best model ----------------------------------------------
+
+    def _best_so_far(self) -> optuna.trial.FrozenTrial | None:
+        complete = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if not complete:
+            return None
+        return max(complete, key=lambda t: t.value if self.direction == "maximize" else -t.value)
+
+    def _keep_top_k(self) -> None:
+        k = self.cfg.keep_top_k
+        if k is None:
+            return
+        complete = sorted(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
+                          key=lambda t: t.value, reverse=self.direction == "maximize")
+        for trial in complete[k:]:
+            run_dir = self.sweep_dir / trial.user_attrs.get("run_dir", f"trials/{trial.number:04d}")
+            for folder in [run_dir, *sorted(run_dir.glob("seed-*"))]:
+                _remove_model(folder, f"trial {trial.number} is not among the best {k}")
+
+    def _update_best(self) -> None:
+        """Point best/ at the best trial's model (hard links: no extra disk, survives keep_top_k)."""
+        best = self._best_so_far()
+        target = self.sweep_dir / "best"
+        marker = target / "sweep_trial.json"
+        if best is None or (marker.is_file() and json.loads(marker.read_text())["trial"] == best.number):
+            return
+        source = self.sweep_dir / best.user_attrs["model_dir"]
+        if not (source / "recipe.yaml").is_file():
+            return
+        tmp = self.sweep_dir / ".best.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(source, tmp, copy_function=_link_or_copy)
+        (tmp / "sweep_trial.json").write_text(json.dumps({"trial": best.number, "value": best.value,
+                                                          "overrides": best.user_attrs.get("overrides", [])}))
+        replace_dir(tmp, target)
+
+    def _result(self, rows: list[dict]) -> SweepResult:
+        result = SweepResult(self.sweep_dir, self.study_name, self.metric, self.direction, trials=rows)
+        best = self._best_so_far()
+        if best is not None:
+            result.best_trial, result.best_value = best.number, best.value
+            result.best_params = best.user_attrs.get("overrides", [])
+            result.best_run_dir = self.sweep_dir / "best"
+        return result
+
+
+# --- helpers --------------------------------------------------------------------------
+
+
+def _train(recipe: Recipe, hook):
+    run = Run(recipe, on_validation=hook, quiet=True)  # the sweep prints one line per trial
+    try:
+        run.open_folder(resume=False, overwrite=True)
+        run.train()
+        return run.finish()
+    except BaseException:
+        run.accelerator.end_training()
+        raise
+    finally:
+        run.accelerator.free_memory()  # Accelerate keeps references to the prepared model and optimizer
+
+
+def _check_values(recipe: Recipe, cfg: SweepConfig) -> None:
+    """Each listed value and range end must be valid on its own, so a typo fails now, not as trial 7."""
+    for key, spec in cfg.parameters.items():
+        if spec.paired:
+            candidates = [[f"{k}={json.dumps(v)}" for k, v in choice.items()] for choice in spec.choice]
+        else:
+            values = spec.choice or list(spec.uniform or spec.loguniform or spec.int)
+            candidates = [[f"{key}={json.dumps(v)}"] for v in values]
+        for overrides in candidates:
+            try:
+                recipe.with_overrides(overrides)
+            except RecipeError as err:
+                if "only apply with" in str(err) or "needs" in str(err):
+                    continue  # valid only together with another parameter (checked per trial)
+                raise RecipeError(f"sweep.parameters.{key}: {' '.join(overrides)} is not a valid setting: {err}") from None
+
+
+def _ci95(values: list[float]) -> float:
+    """Half-width of the 95 % confidence interval of the mean (Student's t)."""
+    from scipy import stats
+
+    return float(stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values)))
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        Path(dst).hardlink_to(src)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _remove_checkpoints(trial_dir: Path) -> None:
+    """The exported model is the best checkpoint; the resumable state isn't needed once a trial ends."""
+    for folder in [trial_dir, *trial_dir.glob("seed-*")]:
+        shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+
+
+def _remove_model(run_dir: Path, reason: str) -> None:
+    if not run_dir.is_dir() or (run_dir / "MODEL_REMOVED.txt").exists():
+        return
+    for item in run_dir.iterdir():
+        if item.name not in KEPT_WITHOUT_MODEL and not item.name.startswith("seed-"):
+            shutil.rmtree(item) if item.is_dir() else item.unlink()
+    (run_dir / "MODEL_REMOVED.txt").write_text(f"The model files were removed to save disk: {reason} (sweep.keep_top_k).\n")
+
+
+def _setup_sweep_log(sweep_dir: Path) -> None:
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for handler in list(log.handlers):
+        handler.close()
+        log.removeHandler(handler)
+    fmt = logging.Formatter("%(asctime)s [sweep] %(message)s", "%H:%M:%S")
+    for handler in (logging.StreamHandler(), logging.FileHandler(sweep_dir / "sweep.log")):
+        handler.setFormatter(fmt)
+        log.addHandler(handler)
