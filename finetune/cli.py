@@ -35,6 +35,7 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
 
 def train_command(args: argparse.Namespace) -> int:
     import recipes
+    from finetune.loop import end_processes
     from finetune.config import Recipe
 
     overrides = list(args.overrides) + (["output.merge_lora=true"] if args.merge else [])
@@ -47,6 +48,7 @@ def train_command(args: argparse.Namespace) -> int:
     result = recipe.run(resume=args.resume, overwrite=args.overwrite or None)
     if main_process:
         print(json.dumps({"run_dir": str(result.run_dir), **result.metrics}))
+    end_processes()
     return 0
 
 
@@ -99,6 +101,7 @@ def _add_sweep_args(parser: argparse.ArgumentParser) -> None:
 
 def sweep_command(args: argparse.Namespace) -> int:
     import recipes
+    from finetune.loop import end_processes
     from finetune.sweep import load_sweep_file, run_sweep
 
     overrides = list(args.overrides)
@@ -110,6 +113,7 @@ def sweep_command(args: argparse.Namespace) -> int:
         print(json.dumps({"sweep_dir": str(result.sweep_dir), "best_trial": result.best_trial,
                           f"best_{result.metric}": result.best_value, "best_params": result.best_params,
                           "best_run_dir": str(result.best_run_dir) if result.best_run_dir else None}))
+    end_processes()
     return 0
 
 

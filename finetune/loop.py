@@ -400,9 +400,24 @@ class Run:
                  "  ".join(f"{k} {v:.4f}" for k, v in final["validation"].items()),
                  (" | test " + "  ".join(f"{k} {v:.4f}" for k, v in final["test"].items())) if "test" in final else "")
         accelerator.wait_for_everyone()
-        accelerator.end_training()
+        self.end_trackers()
         return RunResult(run_dir=self.run_dir, metrics=final, best_step=state.best_step,
                          best_checkpoint=self.best_path, history=self.history)
+
+
+    def end_trackers(self) -> None:
+        """Close the trackers. Unlike ``Accelerator.end_training`` this keeps the process group, which
+        later runs in the same processes (a sweep's trials) still need; see ``end_processes``."""
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
+
+
+def end_processes() -> None:
+    """Tear down the process group at the very end of a multi-process command."""
+    from accelerate import PartialState
+
+    if PartialState._shared_state and PartialState().num_processes > 1:
+        PartialState().destroy_process_group()
 
 
 # --- helpers ------------------------------------------------------------------------------

@@ -6,8 +6,12 @@
 """
 
 import sys
+from pathlib import Path
 
-from finetune.cli import sweep_main
+# scripts/finetune.py is named like the package; drop this folder from the path so `import finetune` finds the library.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+from finetune.cli import sweep_main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(sweep_main())

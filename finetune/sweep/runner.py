@@ -118,7 +118,8 @@ class Sweep:
             self._run_trial(**message[0])
         if not self.state.is_main_process:
             return SweepResult(self.sweep_dir, self.study_name, self.metric, self.direction)
-        self._update_best()
+        with studies.sweep_lock(self.sweep_dir):
+            self._update_best()
         rows = write_report(self.study, self.sweep_dir, self.cfg, self.metric)
         return self._result(rows)
 
@@ -150,10 +151,8 @@ class Sweep:
             return None
         for number in studies.recover_stale(study, cfg.heartbeat_seconds, self.sweep_dir):
             log.info("trial %d: its worker stopped sending heartbeats; its settings are queued again", number)
-        started_trials = study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE,
-                                                                  TrialState.PRUNED, TrialState.FAIL))
-        finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in started_trials)
-        trial = studies.pop_trial(study, cfg, seed_offset=len(started_trials))
+        finished = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+        trial = studies.pop_trial(study, cfg)
         if trial is None:
             return "wait" if study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) else None
         fixed = cfg.method == "grid" or "retry_of" in trial.user_attrs  # settings given, not sampled
@@ -220,8 +219,9 @@ class Sweep:
         self._finish(trial, state, value=value, error=error, **attrs)
         _remove_checkpoints(trial_dir)
         if state == TrialState.COMPLETE:
-            self._keep_top_k()
-            self._update_best()
+            with studies.sweep_lock(self.sweep_dir):  # other local workers may be finishing trials too
+                self._keep_top_k()
+                self._update_best()
         best = self._best_so_far()
         log.info("trial %d %s%s in %.0f s | %s%s", number, state.name,
                  f" {self.metric} {value:.4f}" if value is not None and state == TrialState.COMPLETE else "",
@@ -321,7 +321,7 @@ def _train(recipe: Recipe, hook):
         run.train()
         return run.finish()
     except BaseException:
-        run.accelerator.end_training()
+        run.end_trackers()
         raise
     finally:
         run.accelerator.free_memory()  # Accelerate keeps references to the prepared model and optimizer

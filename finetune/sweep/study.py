@@ -42,10 +42,16 @@ def open_storage(url: str | None, sweep_dir: Path) -> optuna.storages.BaseStorag
     if url is None:
         return JournalStorage(JournalFileBackend(str(sweep_dir / "study.journal")))
     if "://" in url:
-        try:
-            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
-        except Exception as err:  # noqa: BLE001 - sqlalchemy and driver errors vary; name the URL
-            raise RecipeError(f"sweep.storage: cannot open {url!r}: {type(err).__name__}: {err}") from None
+        # Workers starting together on a fresh database race to create Optuna's tables; the loser
+        # gets a unique-constraint error and succeeds on a second try, once the tables exist.
+        for attempt in range(5):
+            try:
+                return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+            except Exception as err:  # noqa: BLE001 - sqlalchemy and driver errors vary; name the URL
+                if attempt < 4 and "IntegrityError" in type(err).__name__ + str(err):
+                    time.sleep(0.5 + random.random())
+                    continue
+                raise RecipeError(f"sweep.storage: cannot open {url!r}: {type(err).__name__}: {err}") from None
     return JournalStorage(JournalFileBackend(url))
 
 
@@ -149,9 +155,9 @@ class Heartbeat:
 
 
 @contextlib.contextmanager
-def _local_lock(sweep_dir: Path):
-    """Serialises stale-trial recovery among workers sharing a sweep folder (a journal file's
-    re-replay can't tell two workers' state changes apart; RDB storages refuse the second one)."""
+def sweep_lock(sweep_dir: Path):
+    """Serialises stale-trial recovery and best/ updates among workers sharing a sweep folder (a
+    journal file can't tell two workers' state changes apart; RDB storages refuse the second one)."""
     with open(sweep_dir / ".recovery.lock", "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
@@ -169,31 +175,33 @@ def recover_stale(study: optuna.Study, interval: float, sweep_dir: Path) -> list
         last = trial.system_attrs.get(HEARTBEAT) or trial.datetime_start.timestamp()
         if time.time() - last < 3 * interval:
             continue
-        with _local_lock(sweep_dir):
+        with sweep_lock(sweep_dir):
             fresh = storage.get_trial(trial._trial_id)
             if fresh.state != TrialState.RUNNING or fresh.system_attrs.get(HEARTBEAT, last) != last:
                 continue
-            try:
+            try:  # attributes can't change once a trial has finished: the reason goes first
+                storage.set_trial_user_attr(trial._trial_id, "error", f"its worker stopped (no heartbeat for "
+                                            f"{time.time() - last:.0f} s); the settings were queued again")
                 storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
             except UpdateFinishedTrialError:
                 continue
-            storage.set_trial_user_attr(trial._trial_id, "error", f"its worker stopped (no heartbeat for "
-                                        f"{time.time() - last:.0f} s); the settings were queued again")
             study.enqueue_trial(trial.params, user_attrs={"slot": trial.user_attrs.get("slot"),
                                                           "retry_of": trial.number}, skip_if_exists=False)
         recovered.append(trial.number)
     return recovered
 
 
-def pop_trial(study: optuna.Study, cfg: SweepConfig, seed_offset: int) -> optuna.Trial | None:
+def pop_trial(study: optuna.Study, cfg: SweepConfig) -> optuna.Trial | None:
     """The next waiting slot, or None when none is left.
 
     ``Study.ask`` creates a new trial when none is waiting, which would add a trial beyond
     n_trials when two workers race for the last slot; this is ask's own code without that.
-    The sampler is reseeded from the number of trials already started, so a resumed sweep
-    doesn't repeat its first proposals.
+    The sampler is seeded with the trial's number: the same seed proposes the same settings,
+    a resumed sweep doesn't repeat its first proposals, and two workers don't propose alike.
     """
-    study.sampler = make_sampler(cfg, cfg.seed * 100_003 + seed_offset)
     study._thread_local.cached_all_trials = None
     trial_id = study._pop_waiting_trial_id()
-    return None if trial_id is None else optuna.Trial(study, trial_id)
+    if trial_id is None:
+        return None
+    study.sampler = make_sampler(cfg, cfg.seed * 100_003 + study._storage.get_trial_number_from_id(trial_id))
+    return optuna.Trial(study, trial_id)
