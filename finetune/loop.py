@@ -66,6 +66,10 @@ class TrainState:
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
     samples_seen: int = 0
+    tokens_processed: int = 0
+    """Token positions the model computed on, padding included."""
+    tokens_real: int = 0
+    """Of those, real (non-padding) tokens."""
     num_processes: int = 1
 
 
@@ -192,6 +196,7 @@ class Run:
         self.best_changed = False
         _set_trackers(accelerator, recipe, self.run_dir)
         self.state, self.history = TrainState(num_processes=accelerator.num_processes), []
+        self.real_tokens = torch.zeros((), dtype=torch.long, device=accelerator.device)  # added to state at checkpoints
 
     # --- setting up ---------------------------------------------------------------------
 
@@ -284,6 +289,8 @@ class Run:
                     self.optimizer.zero_grad(set_to_none=True)
                 state.batches_in_epoch += 1
                 state.samples_seen += batch["input_ids"].shape[0] * accelerator.num_processes
+                state.tokens_processed += batch["input_ids"].numel() * accelerator.num_processes
+                self.real_tokens += batch["attention_mask"].sum()  # a tensor: no host sync per step
                 running_loss += loss.detach()
                 losses_in_window += 1
                 if not accelerator.sync_gradients:
@@ -354,9 +361,14 @@ class Run:
         patience = recipe.train.early_stopping_patience
         return patience is not None and state.evals_without_improvement >= patience
 
+    def _count_real_tokens(self) -> None:
+        self.state.tokens_real += int(self.real_tokens.item()) * self.accelerator.num_processes
+        self.real_tokens.zero_()
+
     def save_checkpoint(self) -> None:
         """Resumable state (model, optimizer, scheduler, RNG, step) and the best weights so far,
         written aside and moved into place together."""
+        self._count_real_tokens()
         accelerator, tmp = self.accelerator, self.last_dir.with_name(".last.tmp")
         if accelerator.is_main_process and tmp.exists():
             shutil.rmtree(tmp)  # left by a crash
@@ -389,8 +401,11 @@ class Run:
         if "test" in self.eval_loaders:
             final["test"] = evaluate(self.model, self.eval_loaders["test"], accelerator, recipe, self.metrics,
                                      self.labels, "testing")
+        self._count_real_tokens()
         final.update(train_seconds=round(state.train_seconds, 2), optimizer_steps=state.global_step,
                      samples_per_second=round(state.samples_seen / max(state.train_seconds, 1e-9), 2),
+                     tokens_processed=state.tokens_processed, tokens_real=state.tokens_real,
+                     padding_fraction=round(1 - state.tokens_real / max(state.tokens_processed, 1), 4),
                      trainable_parameters=self.trainable, total_parameters=self.total)
         if accelerator.is_main_process:
             export_model(model, self.tokenizer, self.labels, self.run_dir, recipe.output.merge_lora)

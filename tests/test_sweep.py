@@ -239,3 +239,23 @@ def test_memory_does_not_grow_across_trials(tiny_backbone, sentiment_dir, tmp_pa
     assert len(rss) == 12
     growth = rss[-1] - rss[2]
     assert growth < 60, f"RSS grew {growth:.0f} MB over 9 trials: {rss}"
+
+
+def test_sweep_command_takes_recipe_and_sweep_overrides(tiny_backbone, sentiment_dir, tmp_path, capsys):
+    """`finetune sweep --recipe FILE sweep.method=random sweep.n_trials=2 output.dir=DIR`, as in the README."""
+    import yaml
+
+    from finetune.cli import main
+
+    recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path, train=FAST)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({**recipe.to_dict(), "sweep": {
+        "method": "grid", "parameters": {"train.lr": {"loguniform": [1e-3, 1e-2]}}}}))
+    sweep_dir = tmp_path / "from-cli"
+    assert main(["sweep", "--recipe", str(path), "sweep.method=random", "sweep.n_trials=2",
+                 f"output.dir={sweep_dir}"]) == 0
+    final = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert final["sweep_dir"] == str(sweep_dir) and len(final["best_params"]) == 1
+    assert len(json.loads((sweep_dir / "report" / "trials.json").read_text())) == 2
+    assert main(["sweep", "--recipe", str(path), "sweep.n_trials=2"]) == 2  # grid over a continuous range
+    assert "grid search needs a list of values" in capsys.readouterr().err

@@ -34,6 +34,25 @@ def test_learns_a_learnable_task_and_writes_the_run_folder(tiny_backbone, sentim
     assert str(tiny_backbone) in card and "accuracy" in card
 
 
+def test_token_counts_are_exact_and_grouping_cuts_padding(tiny_backbone, sentiment_dir, tmp_path):
+    """Real tokens = the training split's tokenised lengths x epochs; length grouping processes fewer padded ones."""
+    from transformers import AutoTokenizer
+
+    from finetune.data import read_table
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_backbone)
+    sentences = list(read_table(sentiment_dir / "train.tsv")["sentence"])
+    real = sum(len(ids) for ids in tokenizer(sentences, truncation=True, max_length=32)["input_ids"])
+    metrics = {}
+    for grouped in (True, False):
+        recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path / str(grouped), train={"epochs": 2, "group_by_length": grouped})
+        metrics[grouped] = recipe.run().metrics
+        assert metrics[grouped]["tokens_real"] == 2 * real
+        assert metrics[grouped]["tokens_processed"] >= metrics[grouped]["tokens_real"]
+    assert metrics[True]["tokens_processed"] < metrics[False]["tokens_processed"]
+    assert 0 <= metrics[True]["padding_fraction"] < metrics[False]["padding_fraction"]
+
+
 def test_final_model_is_the_best_evaluation_not_the_last(tiny_backbone, sentiment_dir, tmp_path):
     """The exported model reproduces the best evaluation's validation loss, even when later ones were worse."""
     # lower loss is better here, and a high constant lr makes late evaluations noisy

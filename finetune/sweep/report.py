@@ -4,6 +4,7 @@ No server needed; ``optuna-dashboard`` reads the same storage for a live view.""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -124,8 +125,7 @@ def _plots(study: optuna.Study, out: Path, cfg: SweepConfig) -> dict[str, tuple[
             done[name] = (False, "needs 2 numeric parameters")
             continue
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # optuna marks its matplotlib plots experimental
+            with _quiet():
                 axes = getattr(static, function)(study, **kwargs)
                 figure = (axes.flat[0] if hasattr(axes, "flat") else axes).get_figure()
                 figure.set_size_inches(9, 6)
@@ -139,6 +139,20 @@ def _plots(study: optuna.Study, out: Path, cfg: SweepConfig) -> dict[str, tuple[
             plt.close("all")
             done[name] = (False, f"{type(err).__name__}: {err}")
     return done
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Optuna marks its matplotlib plots experimental and warns about one-valued axes; the report
+    lists what it could not draw instead."""
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        optuna.logging.set_verbosity(verbosity)
 
 
 def report_from_dir(sweep_dir: str | Path) -> list[dict[str, Any]]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import random
 import threading
 import time
 from pathlib import Path
@@ -145,7 +146,7 @@ class Heartbeat:
             if self.stopped.wait(self.interval):
                 return
 
-    def __enter__(self) -> "Heartbeat":  # noqa: PYI034
+    def __enter__(self) -> Heartbeat:  # noqa: PYI034
         self.thread.start()
         return self
 
