@@ -181,6 +181,9 @@ class TrainConfig(Strict):
     """Autocast precision, passed to Accelerate."""
     seed: int = 42
     """Seed for initialisation, dropout and data order."""
+    cache_features: bool = True
+    """head_only: compute the frozen backbone's pooled vectors once (cached on disk, see finetune.features)
+    and train the head on them."""
     group_by_length: bool = True
     """Batch examples of similar length (shuffled buckets) so less compute is spent on padding."""
     eval_every: Literal["epoch"] | int = "epoch"

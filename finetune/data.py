@@ -247,11 +247,10 @@ class LengthGroupedSampler(Sampler[int]):
         return iter([i for batch in shuffled for i in batch])
 
 
-def make_train_loader(recipe: Recipe, train: datasets.Dataset, collator) -> DataLoader:
-    """Length-grouped, seeded batches of the training split."""
-    sampler = LengthGroupedSampler(
-        [len(ids) for ids in train["input_ids"]], recipe.train.batch_size, recipe.train.seed, recipe.train.group_by_length
-    )
+def make_train_loader(recipe: Recipe, train, collator, lengths: list[int] | None = None) -> DataLoader:
+    """Length-grouped, seeded batches of the training split (``lengths`` for data without input_ids)."""
+    lengths = lengths or [len(ids) for ids in train["input_ids"]]
+    sampler = LengthGroupedSampler(lengths, recipe.train.batch_size, recipe.train.seed, recipe.train.group_by_length)
     # A private generator: creating a loader iterator must not draw from the global RNG, or a resumed
     # run (which creates its iterator at another time) would get different dropout masks.
     return DataLoader(train, batch_size=recipe.train.batch_size, sampler=sampler, collate_fn=collator,

@@ -25,10 +25,12 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.tracking import filter_trackers
 from accelerate.utils import broadcast_object_list, set_seed
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_scheduler
 
 from finetune import data as data_lib
+from finetune import features as features_lib
 from finetune.backbones import build_model, default_pooling, resolve_backbone
 from finetune.config import Recipe, RecipeError
 from finetune.metrics import BINARY_ONLY, MetricSuite, greater_is_better
@@ -115,7 +117,7 @@ def evaluate(model, loader, accelerator: Accelerator, recipe: Recipe, metrics: M
         logits, batch_labels = accelerator.gather_for_metrics((logits, batch_labels))
         all_logits.append(logits.float().cpu())
         all_labels.append(batch_labels.cpu())
-    model.train()
+    train_mode(model, recipe)
     if recipe.task == "token_classification":
         width = max(t.shape[1] for t in all_logits)
         logits = torch.cat([torch.nn.functional.pad(t, (0, 0, 0, width - t.shape[1])) for t in all_logits])
@@ -188,6 +190,11 @@ class Run:
         self.base_model = copy.deepcopy(model) if keep_base else None
         self.model = apply_policy(model, recipe)
         self.trainable, self.total = count_parameters(self.model)
+        self.full_model, self.features = self.model, None  # features: head_only's cached vectors per split
+        if features_lib.applies(recipe):
+            with accelerator.main_process_first():
+                self.features = features_lib.load_or_compute(recipe, self.model, self.tokenised, self.backbone_path,
+                                                             data_lib.make_collator(recipe, self.tokenizer), accelerator)
 
         self.run_dir = _default_run_dir(recipe, accelerator)
         recipe.output.dir = str(self.run_dir)  # the saved recipe names its folder, so --resume can find it
@@ -224,14 +231,23 @@ class Run:
         log.info("policy %s: %s trainable of %s parameters (%.2f%%)", recipe.policy.kind, f"{self.trainable:,}",
                  f"{self.total:,}", 100 * self.trainable / self.total)
 
-        collator = data_lib.make_collator(recipe, self.tokenizer)
-        train_loader = data_lib.make_train_loader(recipe, self.tokenised["train"], collator)
+        splits = [split for split in ("validation", "test") if split in self.tokenised]
+        if self.features is None:
+            collator = data_lib.make_collator(recipe, self.tokenizer)
+            train_loader = data_lib.make_train_loader(recipe, self.tokenised["train"], collator)
+            eval_loaders = {split: data_lib.make_eval_loader(recipe, self.tokenised[split], collator) for split in splits}
+            trained = self.model
+        else:  # the same batches as without the cache (same lengths, same sampler), of stored vectors
+            lengths = [len(ids) for ids in self.tokenised["train"]["input_ids"]]
+            train_loader = data_lib.make_train_loader(recipe, self.features["train"], None, lengths)
+            eval_size = recipe.train.eval_batch_size or 2 * recipe.train.batch_size
+            eval_loaders = {split: DataLoader(self.features[split], batch_size=eval_size) for split in splits}
+            trained = features_lib.HeadOnFeatures(self.model)
+            log.info("training the head on cached backbone features (train.cache_features)")
         self.sampler = train_loader.sampler
-        eval_loaders = {split: data_lib.make_eval_loader(recipe, self.tokenised[split], collator)
-                        for split in ("validation", "test") if split in self.tokenised}
-        optimizer = make_optimizer(self.model, recipe)
+        optimizer = make_optimizer(trained, recipe)
         self.model, self.optimizer, self.train_loader, *prepared = accelerator.prepare(
-            self.model, optimizer, train_loader, *eval_loaders.values())
+            trained, optimizer, train_loader, *eval_loaders.values())
         self.eval_loaders = dict(zip(eval_loaders, prepared))
 
         cfg = recipe.train
@@ -266,7 +282,7 @@ class Run:
 
     def train(self) -> None:
         accelerator, cfg, state, model = self.accelerator, self.recipe.train, self.state, self.model
-        model.train()
+        train_mode(model, self.recipe)
         progress = tqdm(total=self.total_steps, initial=state.global_step, desc="training", leave=not self.quiet,
                         disable=not accelerator.is_local_main_process)
         started = time.perf_counter() - state.train_seconds - state.eval_seconds
@@ -288,9 +304,10 @@ class Run:
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                 state.batches_in_epoch += 1
-                state.samples_seen += batch["input_ids"].shape[0] * accelerator.num_processes
-                state.tokens_processed += batch["input_ids"].numel() * accelerator.num_processes
-                self.real_tokens += batch["attention_mask"].sum()  # a tensor: no host sync per step
+                state.samples_seen += batch["labels"].shape[0] * accelerator.num_processes
+                if "input_ids" in batch:  # cached features have no tokens
+                    state.tokens_processed += batch["input_ids"].numel() * accelerator.num_processes
+                    self.real_tokens += batch["attention_mask"].sum()  # a tensor: no host sync per step
                 running_loss += loss.detach()
                 losses_in_window += 1
                 if not accelerator.sync_gradients:
@@ -394,8 +411,9 @@ class Run:
         """Restore the best evaluation (not the last), test it, export it with its model card."""
         accelerator, state, recipe = self.accelerator, self.state, self.recipe
         accelerator.wait_for_everyone()
-        model = accelerator.unwrap_model(self.model)
-        load_trainable(model, self.best_path)
+        load_trainable(accelerator.unwrap_model(self.model), self.best_path)
+        # with cached features the trained module is the head alone; the full model shares it
+        model = accelerator.unwrap_model(self.model) if self.features is None else self.full_model
         best = next(r for r in self.history if r["step"] == state.best_step)
         final = {"best_step": state.best_step, "validation": {k: v for k, v in best.items() if k not in ("step", "epoch")}}
         if "test" in self.eval_loaders:
@@ -425,6 +443,19 @@ class Run:
         later runs in the same processes (a sweep's trials) still need; see ``end_processes``."""
         for tracker in self.accelerator.trackers:
             tracker.finish()
+
+
+def train_mode(model: torch.nn.Module, recipe: Recipe) -> None:
+    """Training mode. Under head_only and freeze, frozen parts (parameters, none trainable) run in eval
+    mode: a frozen backbone or frozen lower layers are fixed feature extractors (no dropout), as the
+    feature cache assumes. LoRA keeps the usual dropout everywhere, around its adapters."""
+    model.train()
+    if recipe.policy.kind not in ("head_only", "freeze"):
+        return
+    for module in model.modules():
+        params = list(module.parameters())
+        if params and not any(p.requires_grad for p in params):
+            module.eval()
 
 
 def end_processes() -> None:

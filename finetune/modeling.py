@@ -96,12 +96,17 @@ class FinetuneForSequenceClassification(FinetunePreTrainedModel):
     """Pooled backbone output -> head. Regression when ``num_labels == 1``."""
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **kwargs):
+        return self.classify(self.pooled(input_ids, attention_mask, token_type_ids), labels)
+
+    def pooled(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        """The sequence vector the head reads, (B, H): what a frozen backbone's feature cache stores."""
         hidden = self.encode(input_ids, attention_mask, token_type_ids)
         if self.config.pooling == "mean":
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        else:
-            pooled = hidden[:, 0]
+            return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return hidden[:, 0]
+
+    def classify(self, pooled: torch.Tensor, labels=None) -> SequenceClassifierOutput:
         logits = self.classifier(pooled)  # (B, num_labels)
         loss = None
         if labels is not None:
