@@ -191,10 +191,12 @@ class Run:
         self.model = apply_policy(model, recipe)
         self.trainable, self.total = count_parameters(self.model)
         self.full_model, self.features = self.model, None  # features: head_only's cached vectors per split
+        started, self.feature_seconds = time.perf_counter(), 0.0
         if features_lib.applies(recipe):
             with accelerator.main_process_first():
                 self.features = features_lib.load_or_compute(recipe, self.model, self.tokenised, self.backbone_path,
                                                              data_lib.make_collator(recipe, self.tokenizer), accelerator)
+            self.feature_seconds = time.perf_counter() - started  # near 0 when read from the cache
 
         self.run_dir = _default_run_dir(recipe, accelerator)
         recipe.output.dir = str(self.run_dir)  # the saved recipe names its folder, so --resume can find it
@@ -423,6 +425,7 @@ class Run:
         final.update(train_seconds=round(state.train_seconds, 2), optimizer_steps=state.global_step,
                      samples_per_second=round(state.samples_seen / max(state.train_seconds, 1e-9), 2),
                      tokens_processed=state.tokens_processed, tokens_real=state.tokens_real,
+                     feature_cache_seconds=round(self.feature_seconds, 2),
                      padding_fraction=round(1 - state.tokens_real / max(state.tokens_processed, 1), 4),
                      trainable_parameters=self.trainable, total_parameters=self.total)
         if accelerator.is_main_process:

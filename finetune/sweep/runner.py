@@ -101,16 +101,14 @@ class Sweep:
 
         if self.state.is_main_process:
             self._open()
-        started, waiting_since = time.monotonic(), None
+        started = time.monotonic()
         while True:
             message = [None]
             if self.state.is_main_process:
                 message[0] = self._next_trial(started)
-                if message[0] == "wait":
-                    waiting_since = waiting_since or time.monotonic()
+                if message[0] == "wait":  # other workers' trials are running: wait for them or their death
                     time.sleep(self.cfg.heartbeat_seconds)
                     continue
-            waiting_since = None
             if self.state.num_processes > 1:
                 broadcast_object_list(message)
             if message[0] is None:
@@ -130,6 +128,8 @@ class Sweep:
         storage = studies.open_storage(self.cfg.storage, self.sweep_dir)
         base = self.recipe.to_dict()
         base.pop("output")
+        for key in ("cpu_threads", "log_every"):  # how a worker runs, not what it trains
+            base["train"].pop(key)
         fingerprint = {"recipe": base, "parameters": {k: v.model_dump(exclude_defaults=True)
                                                       for k, v in self.cfg.parameters.items()},
                        "method": self.cfg.method, "metric": self.metric, "repeats": self.cfg.repeats}
