@@ -331,3 +331,27 @@ def test_regression_target_must_be_numeric(tmp_path):
     raw = splits(train={"sentence": ["a", "b"], "label": ["1.5", "high"]})
     with pytest.raises(RecipeError, match=r"split 'train' row 2 column 'label' has 'high', not a number"):
         label_names(recipe, raw)
+
+
+@pytest.mark.parametrize("subsample", [None, 100])
+def test_tokenisation_is_cached_across_runs(tiny_backbone, sentiment_dir, tmp_path, subsample):
+    """A second run (or sweep trial) over the same data and tokenizer reads the tokenised splits from
+    the datasets cache: same fingerprints, same cache files, not rewritten."""
+    recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path,
+                         data={"path": str(sentiment_dir), "columns": {"text": "sentence"}, "max_length": 32,
+                               "max_train_samples": subsample})
+    outputs = []
+    for _ in range(2):
+        raw = load_splits(recipe.data)
+        tokenised = tokenize(recipe, raw, AutoTokenizer.from_pretrained(tiny_backbone),
+                                      label_names(recipe, raw))
+        files = {split: [Path(c["filename"]) for c in ds.cache_files] for split, ds in tokenised.items()}
+        outputs.append(({split: ds._fingerprint for split, ds in tokenised.items()}, files,
+                        {f: f.stat().st_mtime_ns for fs in files.values() for f in fs}))
+    (prints_1, files_1, times_1), (prints_2, files_2, times_2) = outputs
+    assert prints_1 == prints_2 and files_1 == files_2
+    assert all(files_1.values()) and times_1 == times_2  # read back, not written again
+    other = recipe.with_overrides(["data.max_length=16"])
+    raw = load_splits(other.data)
+    shorter = tokenize(other, raw, AutoTokenizer.from_pretrained(tiny_backbone), label_names(other, raw))
+    assert shorter["train"]._fingerprint != prints_1["train"]  # another max_length is another cache entry
