@@ -11,7 +11,14 @@ from datasets import Dataset, DatasetDict
 from transformers import AutoTokenizer
 
 from finetune.config import RecipeError
-from finetune.data import LengthGroupedSampler, expand_path, label_names, load_splits, make_collator, tokenize
+from finetune.data import (
+    LengthGroupedSampler,
+    expand_path,
+    label_names,
+    load_splits,
+    make_collator,
+    tokenize,
+)
 
 
 def recipe_for(data_path, tmp_path, **sections):
