@@ -444,7 +444,6 @@ class Run:
         return RunResult(run_dir=self.run_dir, metrics=final, best_step=state.best_step,
                          best_checkpoint=self.best_path, history=self.history)
 
-
     def end_trackers(self) -> None:
         """Close the trackers. Unlike ``Accelerator.end_training`` this keeps the process group, which
         later runs in the same processes (a sweep's trials) still need; see ``end_processes``."""

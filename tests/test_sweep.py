@@ -111,7 +111,7 @@ def test_grid_covers_the_product_exactly_once_across_a_resume(tiny_backbone, sen
     assert len(again.trials) == 8
 
 
-def test_random_and_bayes_honour_n_trials_and_the_seed(tiny_backbone, sentiment_dir, tmp_path):
+def test_random_bayes_and_gp_honour_n_trials_and_the_seed(tiny_backbone, sentiment_dir, tmp_path):
     recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path, train=FAST)
     space = {"train.lr": {"loguniform": [1e-3, 3e-2]}, "head.dropout": {"uniform": [0.0, 0.3]},
              "train.epochs": {"int": [1, 2]}}
@@ -124,6 +124,10 @@ def test_random_and_bayes_honour_n_trials_and_the_seed(tiny_backbone, sentiment_
         assert proposals[0] == proposals[1], f"{method}: the same seed proposed different settings"
         assert proposals[0] != proposals[2]
     assert sum(row["guided"] for row in runs[0].trials) == 2  # bayes: 1 random start, then the model
+    gp = [recipe.sweep(space, method="gp", n_trials=3, seed=7, startup_trials=1, dir=str(tmp_path / f"gp-{i}"))
+          for i in range(2)]
+    assert [row["overrides"] for row in gp[0].trials] == [row["overrides"] for row in gp[1].trials]
+    assert sum(row["guided"] for row in gp[0].trials) == 2
     rerun = recipe.sweep(space, method="bayes", n_trials=3, seed=7, dir=str(tmp_path / "bayes-0"))
     assert len(rerun.trials) == 3  # n_trials is the study's size: re-running adds nothing
     grown = recipe.sweep(space, method="bayes", n_trials=4, seed=7, dir=str(tmp_path / "bayes-0"))
