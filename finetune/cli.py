@@ -35,8 +35,8 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
 
 def train_command(args: argparse.Namespace) -> int:
     import recipes
-    from finetune.loop import end_processes
     from finetune.config import Recipe
+    from finetune.processes import end_processes
 
     overrides = list(args.overrides) + (["output.merge_lora=true"] if args.merge else [])
     recipe = Recipe.from_yaml(recipes.recipe_path(args.recipe), overrides=overrides)
@@ -101,7 +101,7 @@ def _add_sweep_args(parser: argparse.ArgumentParser) -> None:
 
 def sweep_command(args: argparse.Namespace) -> int:
     import recipes
-    from finetune.loop import end_processes
+    from finetune.processes import end_processes
     from finetune.sweep import load_sweep_file, run_sweep
 
     overrides = list(args.overrides)

@@ -17,14 +17,11 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.tracking import filter_trackers
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_scheduler
@@ -35,6 +32,14 @@ from finetune.backbones import build_model, default_pooling, resolve_backbone
 from finetune.config import Recipe, RecipeError
 from finetune.metrics import BINARY_ONLY, MetricSuite, greater_is_better
 from finetune.policies import apply_policy, count_parameters
+from finetune.processes import (
+    default_run_dir,
+    log_to_file,
+    multi_process_without_accelerator,
+    on_main_process,
+    set_trackers,
+    setup_logging,
+)
 from finetune.runs import (
     RunResult,
     atomic_write_text,
@@ -49,7 +54,6 @@ from finetune.runs import (
 )
 
 log = logging.getLogger("finetune")
-LOG_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
 
 
 class TrainingDiverged(RuntimeError):
@@ -159,12 +163,12 @@ class Run:
         AcceleratorState._reset_state(reset_partial_state=False)
         GradientState._reset_state()
         self.accelerator = accelerator = Accelerator(
-            cpu=_multi_process_without_accelerator(),
+            cpu=multi_process_without_accelerator(),
             gradient_accumulation_steps=recipe.train.gradient_accumulation_steps,
             mixed_precision=recipe.train.mixed_precision,
         )
         set_seed(recipe.train.seed)
-        _setup_logging(accelerator, quiet)
+        setup_logging(accelerator, quiet)
         if accelerator.device.type == "cpu":
             # `accelerate launch` sets OMP_NUM_THREADS=1 even for one process, which halves CPU speed
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -202,12 +206,12 @@ class Run:
                                                              data_lib.make_collator(recipe, self.tokenizer), accelerator)
             self.feature_seconds = time.perf_counter() - started  # near 0 when read from the cache
 
-        self.run_dir = _default_run_dir(recipe, accelerator)
+        self.run_dir = default_run_dir(recipe, accelerator)
         recipe.output.dir = str(self.run_dir)  # the saved recipe names its folder, so --resume can find it
         self.last_dir = self.run_dir / "checkpoints" / "last"
         self.best_path = self.last_dir / "best.safetensors"  # committed together with the state it belongs to
         self.best_changed = False
-        _set_trackers(accelerator, recipe, self.run_dir)
+        set_trackers(accelerator, recipe, self.run_dir)
         self.state, self.history = TrainState(num_processes=accelerator.num_processes), []
         self.real_tokens = torch.zeros((), dtype=torch.long, device=accelerator.device)  # added to state at checkpoints
 
@@ -226,9 +230,9 @@ class Run:
             if self.base_model is not None and not (run_dir / "base").is_dir():
                 save_base(self.base_model, run_dir)
 
-        _on_main_process(accelerator, create)
+        on_main_process(accelerator, create)
         self.base_model = None
-        _log_to_file(accelerator, run_dir)
+        log_to_file(accelerator, run_dir)
         log.info("run folder %s (%d process%s, device %s, %d threads)", run_dir, accelerator.num_processes,
                  "es" if accelerator.num_processes > 1 else "", accelerator.device, torch.get_num_threads())
         log.info("backbone %s from %s (%s, pooling %s)", recipe.backbone.name, self.backbone_path,
@@ -462,82 +466,3 @@ def train_mode(model: torch.nn.Module, recipe: Recipe) -> None:
         params = list(module.parameters())
         if params and not any(p.requires_grad for p in params):
             module.eval()
-
-
-def end_processes() -> None:
-    """Tear down the process group at the very end of a multi-process command."""
-    from accelerate import PartialState
-
-    if PartialState._shared_state and PartialState().num_processes > 1:
-        PartialState().destroy_process_group()
-
-
-# --- helpers ------------------------------------------------------------------------------
-
-
-def _setup_logging(accelerator: Accelerator, quiet: bool = False) -> None:
-    """Readable INFO lines from the main process; the other processes only warn."""
-    log.setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
-    for handler in list(log.handlers):  # an earlier run's (in a sweep or notebook): close its log file
-        handler.close()
-        log.removeHandler(handler)
-    log.propagate = False
-    handler = logging.StreamHandler()
-    handler.setFormatter(LOG_FORMAT)
-    handler.setLevel(logging.WARNING if quiet else logging.INFO)
-    log.addHandler(handler)
-
-
-def _log_to_file(accelerator: Accelerator, run_dir: Path) -> None:
-    if accelerator.is_main_process:
-        handler = logging.FileHandler(run_dir / "train.log")
-        handler.setFormatter(LOG_FORMAT)
-        log.addHandler(handler)
-
-
-def _default_run_dir(recipe: Recipe, accelerator: Accelerator) -> Path:
-    if recipe.output.dir:
-        return Path(recipe.output.dir)
-    stamp = [datetime.now().strftime("%Y%m%d-%H%M%S")]
-    broadcast_object_list(stamp)  # every process must write to the same folder
-    return Path("runs") / f"{recipe.name}-{stamp[0]}"
-
-
-def _set_trackers(accelerator: Accelerator, recipe: Recipe, run_dir: Path) -> None:
-    """Point Accelerate's trackers (report_to) at the run folder, which is known only now."""
-    if not recipe.output.report_to:
-        return
-    accelerator.project_configuration.set_directories(str(run_dir))
-    try:
-        accelerator.log_with = filter_trackers(recipe.output.report_to, accelerator.logging_dir)
-    except (ValueError, ImportError) as err:
-        raise RecipeError(f"output.report_to: {err}") from None
-    missing = sorted(set(recipe.output.report_to) - {str(t) for t in accelerator.log_with})
-    if missing:  # Accelerate skips trackers whose package is missing; a user asking for one wants to know
-        raise RecipeError(f"output.report_to: {missing} requested but not installed (pip install {' '.join(missing)})")
-
-
-def _multi_process_without_accelerator() -> bool:
-    """`accelerate launch --multi_gpu --num_processes N` on a machine without GPUs: DDP on CPU (gloo).
-
-    Accelerate only picks its multi-CPU backend when told the run is on CPU; otherwise each
-    process would silently train alone and all of them would write the same run folder.
-    """
-    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return several and not torch.cuda.is_available() and not (hasattr(torch, "xpu") and torch.xpu.is_available())
-
-
-def _on_main_process(accelerator: Accelerator, action) -> None:
-    """Run a file-system action on the main process; if it fails, every process raises the error."""
-    error = [None]
-    if accelerator.is_main_process:
-        try:
-            action()
-        except Exception as err:
-            if accelerator.num_processes == 1:
-                raise
-            error[0] = (isinstance(err, RecipeError), f"{type(err).__name__}: {err}")
-    broadcast_object_list(error)  # without this, the other processes would wait forever
-    if error[0]:
-        is_recipe_error, message = error[0]
-        raise (RecipeError if is_recipe_error else RuntimeError)(message)

@@ -39,7 +39,8 @@ from accelerate.utils import broadcast_object_list
 from optuna.trial import TrialState
 
 from finetune.config import Recipe, RecipeError
-from finetune.loop import Run, _multi_process_without_accelerator
+from finetune.loop import Run
+from finetune.processes import multi_process_without_accelerator
 from finetune.runs import replace_dir
 from finetune.sweep import study as studies
 from finetune.sweep.config import SweepConfig
@@ -91,7 +92,7 @@ class Sweep:
         self.sweep_dir = Path(cfg.dir or recipe.output.dir or Path("sweeps") / recipe.name)
         self.study_name = cfg.study or recipe.name
         # the process group, for broadcasting trials; each trial's Run builds its own Accelerator on it
-        self.state = PartialState(cpu=_multi_process_without_accelerator())
+        self.state = PartialState(cpu=multi_process_without_accelerator())
         self.study: optuna.Study | None = None
 
     # --- the loop ---------------------------------------------------------------
