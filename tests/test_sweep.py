@@ -171,6 +171,8 @@ def test_pruning_stops_a_bad_trial_early(tiny_backbone, sentiment_dir, tmp_path)
     assert bad["state"] == "PRUNED" and bad["pruned_at_step"] < 24 and len(bad["intermediate"]) < 12
     assert "pruned at step" in (result.sweep_dir / "report" / "report.md").read_text()
     assert not (result.sweep_dir / "trials" / "0001" / "checkpoints").exists()
+    assert (result.sweep_dir / "trials" / "0001" / "MODEL_REMOVED.txt").is_file()  # a pruned trial keeps no model
+    assert (result.sweep_dir / "trials" / "0001" / "metrics.jsonl").is_file()
 
 
 def test_hyperband_pruner_stops_bad_trials(tiny_backbone, sentiment_dir, tmp_path):

@@ -86,12 +86,14 @@ def _summary(study: optuna.Study, cfg: SweepConfig, metric: str, rows: list[dict
 
 
 def _markdown_table(rows: list[dict], metric: str) -> str:
-    lines = [f"| trial | state | {metric} | settings | best step | seconds | note |", "|---|---|---|---|---|---|---|"]
+    lines = [f"| trial | state | {metric} (validation) | test | settings | best step | seconds | note |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         value = "" if r["value"] is None else f"{r['value']:.4f}" + (f" ± {r['ci95']:.4f}" if r["ci95"] else "")
+        test = (r["test"] or {}).get(metric)
         note = r["error"] or (f"pruned at step {r['pruned_at_step']}" if r.get("pruned_at_step") is not None else "")
-        lines.append(f"| {r['number']} | {r['state']} | {value} | {r['overrides']} | {r['best_step'] or ''} | "
-                     f"{r['seconds'] or ''} | {note.replace('|', '/')[:120]} |")
+        lines.append(f"| {r['number']} | {r['state']} | {value} | {'' if test is None else f'{test:.4f}'} | "
+                     f"{r['overrides']} | {r['best_step'] or ''} | {r['seconds'] or ''} | {note.replace('|', '/')[:120]} |")
     return "\n".join(lines)
 
 

@@ -219,6 +219,9 @@ class Sweep:
                 state, error = TrialState.FAIL, f"the objective {self.metric} is NaN"
         self._finish(trial, state, value=value, error=error, **attrs)
         _remove_checkpoints(trial_dir)
+        if state != TrialState.COMPLETE:  # a pruned or failed trial has no model worth its disk (LoRA's base/)
+            for folder in [trial_dir, *sorted(trial_dir.glob("seed-*"))]:
+                _remove_model(folder, f"trial {number} ended {state.name.lower()}")
         if state == TrialState.COMPLETE:
             with studies.sweep_lock(self.sweep_dir):  # other local workers may be finishing trials too
                 self._keep_top_k()
