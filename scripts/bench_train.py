@@ -92,7 +92,7 @@ def _trainer(args, grouped: bool) -> dict:
         training_args = TrainingArguments(
             output_dir=out, per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=64,
             learning_rate=setting["lr"], num_train_epochs=args.epochs, weight_decay=setting["weight_decay"],
-            warmup_ratio=setting["warmup_ratio"], max_grad_norm=setting["max_grad_norm"], lr_scheduler_type="linear",
+            warmup_steps=setting["warmup_ratio"], max_grad_norm=setting["max_grad_norm"], lr_scheduler_type="linear",
             eval_strategy="no", save_strategy="no", report_to=[], seed=args.seed, logging_steps=50, use_cpu=True,
             dataloader_num_workers=0, disable_tqdm=True,
             train_sampling_strategy="group_by_length" if grouped else "random")
