@@ -51,6 +51,17 @@ def test_bad_search_spaces_fail_with_the_parameter_named(parameters, message):
         parse_sweep({"parameters": parameters})
 
 
+@pytest.mark.parametrize("raw, message", [
+    ({"n_trail": 3}, "unknown sweep key 'sweep.n_trail' (did you mean 'sweep.n_trials'?)"),
+    ({"pruner": {"kind": "median", "warmup": 3}}, "did you mean 'sweep.pruner.warmup_steps'?"),
+    ({"method": "tpe"}, "sweep.method: Input should be 'grid', 'random', 'bayes' or 'gp'"),
+])
+def test_sweep_key_typos_name_the_sweep_key(raw, message):
+    with pytest.raises(RecipeError) as caught:
+        parse_sweep({"parameters": {"train.lr": [1e-3]}, **raw})
+    assert message in str(caught.value)
+
+
 def test_grid_enumerates_conditional_and_paired_settings():
     cfg = parse_sweep({"method": "grid", "parameters": {
         "policy.kind": ["full", "lora"],

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import builtins
 import copy
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,7 +29,6 @@ from finetune.config import (
     Recipe,
     RecipeError,
     Strict,
-    _describe,
     known_keys,
     read_recipe_file,
 )
@@ -216,5 +216,30 @@ def parse_sweep(raw: Any, overrides: list[str] | tuple[str, ...] = ()) -> SweepC
     try:
         return SweepConfig.model_validate(raw)
     except ValidationError as err:
-        raise RecipeError(_describe(err).replace("invalid recipe:", "invalid sweep section:")
-                          .replace("unknown recipe key '", "unknown sweep key 'sweep.")) from None
+        raise RecipeError(_describe_sweep(err)) from None
+
+
+def _describe_sweep(err: ValidationError) -> str:
+    """Like the recipe's errors: the dotted key as the user wrote it, and the closest sweep key for a typo."""
+    keys = known_keys(SweepConfig)
+    lines = []
+    errors = err.errors()
+    spec_branch = {tuple(e["loc"][:2]): e for e in errors if any("ParamSpec" in str(p) for p in e["loc"])}
+    for item in errors:
+        where = tuple(item["loc"][:2])
+        if "list[any]" in map(str, item["loc"]) and where in spec_branch:
+            continue  # a parameter is a spec or a plain list: the spec's error says what is wrong
+        if item is spec_branch.get(where) and item["type"] in ("model_type", "dict_type"):
+            lines.append(f"sweep.{where[0]}.{where[1]}: expected a mapping with one of choice, uniform, loguniform, "
+                         f"int, or a list of values (got {item.get('input')!r})")
+            continue
+        key = ".".join(str(p) for p in item["loc"] if not str(p).startswith(("function-", "literal["))
+                       and str(p) not in ("int", "str", "float", "list[any]") and "ParamSpec" not in str(p))
+        if item["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+            lines.append(f"unknown sweep key 'sweep.{key}'" + (f" (did you mean 'sweep.{close[0]}'?)" if close else ""))
+        else:
+            got = item.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"sweep{'.' + key if key else ''}: {item['msg'].removeprefix('Value error, ')}{shown}")
+    return "invalid sweep section:\n  " + "\n  ".join(dict.fromkeys(lines))
