@@ -204,11 +204,18 @@ def tokenize(recipe: Recipe, raw: datasets.DatasetDict, tokenizer, labels: list[
     return out
 
 
-def make_collator(recipe: Recipe, tokenizer):
-    """Pad per batch, to a multiple of 8 (tensor-core and SIMD friendly), never to max_length."""
+def pad_multiple(device: torch.device | str) -> int | None:
+    """Round batch lengths up to a multiple of 8 on GPUs (tensor cores want it). Not on CPU: SST-2
+    sentences average ~13 tokens, and rounding them up to 16 made 23 % of the computed positions
+    padding (measured in scripts/bench_train.py), against 4 % for length-grouped batches without it."""
+    return 8 if torch.device(device).type == "cuda" else None
+
+
+def make_collator(recipe: Recipe, tokenizer, multiple_of: int | None = None):
+    """Pad per batch to the longest example (rounded up to ``multiple_of``), never to max_length."""
     if recipe.task == "token_classification":
-        return DataCollatorForTokenClassification(tokenizer, pad_to_multiple_of=8)
-    return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
+        return DataCollatorForTokenClassification(tokenizer, pad_to_multiple_of=multiple_of)
+    return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=multiple_of)
 
 
 class LengthGroupedSampler(Sampler[int]):

@@ -179,6 +179,7 @@ class Run:
             recipe.head.pooling = default_pooling(self.backbone_path)
         self.tokenizer = AutoTokenizer.from_pretrained(self.backbone_path, revision=recipe.backbone.revision,
                                                        trust_remote_code=recipe.backbone.trust_remote_code)
+        self.collator = data_lib.make_collator(recipe, self.tokenizer, data_lib.pad_multiple(accelerator.device))
         self.metrics = MetricSuite(recipe.eval.metrics)
         try:
             self.metrics.load()  # an unknown metric fails now, not at the first evaluation
@@ -203,7 +204,7 @@ class Run:
         if features_lib.applies(recipe):
             with accelerator.main_process_first():
                 self.features = features_lib.load_or_compute(recipe, self.model, self.tokenised, self.backbone_path,
-                                                             data_lib.make_collator(recipe, self.tokenizer), accelerator)
+                                                             self.collator, accelerator)
             self.feature_seconds = time.perf_counter() - started  # near 0 when read from the cache
 
         self.run_dir = default_run_dir(recipe, accelerator)
@@ -243,7 +244,7 @@ class Run:
 
         splits = [split for split in ("validation", "test") if split in self.tokenised]
         if self.features is None:
-            collator = data_lib.make_collator(recipe, self.tokenizer)
+            collator = self.collator
             train_loader = data_lib.make_train_loader(recipe, self.tokenised["train"], collator)
             eval_loaders = {split: data_lib.make_eval_loader(recipe, self.tokenised[split], collator) for split in splits}
             trained = self.model

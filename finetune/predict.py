@@ -105,7 +105,8 @@ def evaluate_run(run_dir: str | Path, split: str = "test", overrides: list[str] 
     tokenised = data_lib.tokenize(recipe, datasets.DatasetDict({split: raw[split]}), run.tokenizer, run.labels)
     AcceleratorState._reset_state(reset_partial_state=False)  # see Run: one fresh state per use
     accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision)
-    loader = data_lib.make_eval_loader(recipe, tokenised[split], data_lib.make_collator(recipe, run.tokenizer))
+    collator = data_lib.make_collator(recipe, run.tokenizer, data_lib.pad_multiple(accelerator.device))
+    loader = data_lib.make_eval_loader(recipe, tokenised[split], collator)
     model, loader = accelerator.prepare(run.model, loader)
     return evaluate(model, loader, accelerator, recipe, MetricSuite(recipe.eval.metrics), run.labels, split)
 

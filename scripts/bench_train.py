@@ -139,7 +139,7 @@ def _hand_loop(args) -> dict:
     )
 
     from finetune.backbones import resolve_backbone
-    from finetune.data import LengthGroupedSampler
+    from finetune.data import LengthGroupedSampler, pad_multiple
 
     setting = _setting(args)
     recipe = setting["recipe"]
@@ -156,7 +156,7 @@ def _hand_loop(args) -> dict:
                 for ids, mask, y in zip(encoded["input_ids"], encoded["attention_mask"], labels)]
 
     train, test = encode("train"), encode("test")
-    collator = CountingCollator(DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8))
+    collator = CountingCollator(DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_multiple(model.device)))
     sampler = LengthGroupedSampler([len(f["input_ids"]) for f in train], args.batch_size, args.seed)
     loader = DataLoader(train, batch_size=args.batch_size, sampler=sampler, collate_fn=collator)
     decay = [p for p in model.parameters() if p.ndim >= 2]

@@ -301,9 +301,10 @@ def test_regression_labels_are_floats(tokenizer, regression_dir, tmp_path):
     assert out["train"].features["labels"].dtype.startswith("float")
 
 
+@pytest.mark.parametrize("multiple", [8, None])
 @pytest.mark.parametrize("task", ["classification", "token_classification"])
-def test_collator_pads_to_multiple_of_8(task, tokenizer, tmp_path):
-    """Batches are padded to the longest example rounded up to 8, not to max_length."""
+def test_collator_pads_per_batch(task, multiple, tokenizer, tmp_path):
+    """Batches are padded to the longest example (rounded up to 8 on GPUs), not to max_length."""
     texts = ["a", "a b c", "the movie was really quite good and the plot fine"]
     if task == "token_classification":
         raw = splits(train={"tokens": [t.split() for t in texts], "tags": [["O"] * len(t.split()) for t in texts]})
@@ -314,15 +315,21 @@ def test_collator_pads_to_multiple_of_8(task, tokenizer, tmp_path):
     recipe = recipe_for("d", tmp_path, task=task, data={"path": "d", "columns": {"text": "sentence"}, "max_length": 64})
     out = tokenize(recipe, raw, tokenizer, labels)["train"]
     longest = max(len(ids) for ids in out["input_ids"])
-    batch = make_collator(recipe, tokenizer)([out[i] for i in range(len(out))])
-    assert batch["input_ids"].shape == (3, math.ceil(longest / 8) * 8)
-    assert batch["input_ids"].shape[1] % 8 == 0 and batch["input_ids"].shape[1] < 64
+    batch = make_collator(recipe, tokenizer, multiple)([out[i] for i in range(len(out))])
+    assert batch["input_ids"].shape == (3, math.ceil(longest / 8) * 8 if multiple else longest)
+    assert batch["input_ids"].shape[1] < 64
     assert batch["attention_mask"].sum(1).tolist() == [len(ids) for ids in out["input_ids"]]
     if task == "token_classification":
         assert batch["labels"].shape == batch["input_ids"].shape
         assert (batch["labels"][0, len(out[0]["input_ids"]):] == -100).all()
     else:
         assert batch["labels"].tolist() == [0, 1, 0]
+
+
+def test_padding_to_a_multiple_of_8_only_on_gpus():
+    from finetune.data import pad_multiple
+
+    assert pad_multiple("cuda:0") == 8 and pad_multiple("cpu") is None
 
 
 def test_missing_label_column_is_named_before_labels_are_read(tmp_path):
