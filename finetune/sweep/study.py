@@ -105,8 +105,9 @@ def open_study(cfg: SweepConfig, storage, name: str, direction_: str, fingerprin
                               "sweep.dir / sweep.study, or the same settings to resume it")
         if study.direction.name.lower() != direction_:
             raise RecipeError(f"study {name!r} optimises in direction {study.direction.name.lower()}, not {direction_}")
-    if created or study.user_attrs.get(SLOTS) is not None:
-        _add_slots(study, cfg)
+        # until the creator has enqueued every slot, "nothing waiting" would wrongly mean "all done"
+        _wait_for(lambda: study.user_attrs.get(SLOTS))
+    _add_slots(study, cfg)
     return study
 
 
