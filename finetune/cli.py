@@ -165,29 +165,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def train_main(argv: list[str] | None = None) -> int:
-    """``scripts/finetune.py``: the train command on its own."""
-    parser = argparse.ArgumentParser(prog="finetune.py", description="Train a recipe (under accelerate launch or python).",
-                                     epilog=_recipes_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_train_args(parser)
+def _standalone(prog: str, description: str, add_args, command, argv: list[str] | None) -> int:
+    """One command as its own script (scripts/finetune.py, scripts/sweep.py)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=_recipes_epilog(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(parser)
     try:
-        return train_command(parser.parse_args(argv))
+        return command(parser.parse_args(argv))
     except RecipeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """``scripts/finetune.py``: the train command on its own."""
+    return _standalone("finetune.py", "Train a recipe (under accelerate launch or python).", _add_train_args,
+                       train_command, argv)
 
 
 def sweep_main(argv: list[str] | None = None) -> int:
     """``scripts/sweep.py``: the sweep command on its own."""
-    parser = argparse.ArgumentParser(prog="sweep.py", description="Run, resume or join a sweep (under accelerate "
-                                     "launch or python).", epilog=_recipes_epilog(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_sweep_args(parser)
-    try:
-        return sweep_command(parser.parse_args(argv))
-    except RecipeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return _standalone("sweep.py", "Run, resume or join a sweep (under accelerate launch or python).",
+                       _add_sweep_args, sweep_command, argv)
 
 
 if __name__ == "__main__":

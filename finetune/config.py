@@ -412,13 +412,18 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if key not in known_keys():
         raise RecipeError(f"unknown recipe key '{key}'{_suggest(key)}")
+    return key, parse_value(key, value)
+
+
+def parse_value(key: str, value: str) -> Any:
+    """An override's value as a YAML scalar or list (never evaluated); empty means null."""
     try:
         parsed = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError as err:
         raise RecipeError(f"override {key}: cannot parse value {value!r}: {err}") from None
     if isinstance(parsed, str) and FLOAT.fullmatch(parsed.strip()):
         parsed = float(parsed)  # YAML 1.1 reads 3e-4 (no dot) as text; users mean a number
-    return key, parsed
+    return parsed
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:

@@ -44,24 +44,23 @@ RECIPES = {"ours_full": ("sst2_minilm_full", []), "ours_lora": ("sst2_minilm_lor
 # --- the children ------------------------------------------------------------------------
 
 
-def _setting(args) -> dict:
-    """The shared work, taken from the full recipe so every variant trains on the same rows."""
+def _shared(args):
+    """The work every reference variant shares, taken from the full recipe: its settings (lr, warm-up,
+    weight decay, clipping), the same training and test rows, the backbone folder and its tokenizer."""
+    from transformers import AutoTokenizer
+
     import recipes
+    from finetune import data as data_lib
+    from finetune.backbones import resolve_backbone
 
     recipe = recipes.load("sst2_minilm_full", f"data.max_train_samples={args.rows}", f"train.epochs={args.epochs}",
                           f"train.batch_size={args.batch_size}", f"train.seed={args.seed}",
                           f"data.max_length={args.max_length}")
-    return {"recipe": recipe, "lr": recipe.train.lr, "warmup_ratio": recipe.train.warmup_ratio,
-            "weight_decay": recipe.train.weight_decay, "max_grad_norm": recipe.train.max_grad_norm}
-
-
-def _load_rows(recipe):
-    from finetune import data as data_lib
-
     raw = data_lib.load_splits(recipe.data)
     text, label = recipe.data.columns.text, recipe.data.columns.label
-    return {split: ([str(t) for t in raw[split][text]], [int(v) for v in raw[split][label]])
-            for split in ("train", "test")}
+    rows = {split: ([str(t) for t in raw[split][text]], [int(v) for v in raw[split][label]]) for split in ("train", "test")}
+    path = resolve_backbone(recipe.backbone)
+    return recipe.train, rows, path, AutoTokenizer.from_pretrained(path)
 
 
 def _trainer(args, grouped: bool) -> dict:
@@ -70,19 +69,12 @@ def _trainer(args, grouped: bool) -> dict:
     import numpy as np
     from transformers import (
         AutoModelForSequenceClassification,
-        AutoTokenizer,
         DataCollatorWithPadding,
         Trainer,
         TrainingArguments,
     )
 
-    from finetune.backbones import resolve_backbone
-
-    setting = _setting(args)
-    recipe = setting["recipe"]
-    path = resolve_backbone(recipe.backbone)
-    rows = _load_rows(recipe)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    train, rows, path, tokenizer = _shared(args)
     data = datasets.DatasetDict({split: datasets.Dataset.from_dict({"text": t, "label": y})
                                  for split, (t, y) in rows.items()})
     data = data.map(lambda batch: tokenizer(batch["text"], truncation=True, max_length=args.max_length), batched=True)
@@ -91,8 +83,8 @@ def _trainer(args, grouped: bool) -> dict:
     with tempfile.TemporaryDirectory() as out:
         training_args = TrainingArguments(
             output_dir=out, per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=64,
-            learning_rate=setting["lr"], num_train_epochs=args.epochs, weight_decay=setting["weight_decay"],
-            warmup_steps=setting["warmup_ratio"], max_grad_norm=setting["max_grad_norm"], lr_scheduler_type="linear",
+            learning_rate=train.lr, num_train_epochs=args.epochs, weight_decay=train.weight_decay,
+            warmup_steps=train.warmup_ratio, max_grad_norm=train.max_grad_norm, lr_scheduler_type="linear",
             eval_strategy="no", save_strategy="no", report_to=[], seed=args.seed, logging_steps=50, use_cpu=True,
             dataloader_num_workers=0, disable_tqdm=True,
             train_sampling_strategy="group_by_length" if grouped else "random")
@@ -133,19 +125,13 @@ def _hand_loop(args) -> dict:
     from torch.utils.data import DataLoader
     from transformers import (
         AutoModelForSequenceClassification,
-        AutoTokenizer,
         DataCollatorWithPadding,
         get_scheduler,
     )
 
-    from finetune.backbones import resolve_backbone
     from finetune.data import LengthGroupedSampler, pad_multiple
 
-    setting = _setting(args)
-    recipe = setting["recipe"]
-    path = resolve_backbone(recipe.backbone)
-    rows = _load_rows(recipe)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    train_cfg, rows, path, tokenizer = _shared(args)
     torch.manual_seed(args.seed)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
 
@@ -161,10 +147,10 @@ def _hand_loop(args) -> dict:
     loader = DataLoader(train, batch_size=args.batch_size, sampler=sampler, collate_fn=collator)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": setting["weight_decay"]},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=setting["lr"])
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": train_cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=train_cfg.lr)
     steps = args.epochs * len(loader)
-    scheduler = get_scheduler("linear", optimizer, int(setting["warmup_ratio"] * steps), steps)
+    scheduler = get_scheduler("linear", optimizer, int(train_cfg.warmup_ratio * steps), steps)
     model.train()
     started = time.perf_counter()
     for epoch in range(args.epochs):
@@ -172,7 +158,7 @@ def _hand_loop(args) -> dict:
         for batch in loader:
             loss = model(**batch).loss
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), setting["max_grad_norm"])
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

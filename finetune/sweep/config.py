@@ -22,7 +22,6 @@ import difflib
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from finetune.config import (
@@ -30,6 +29,7 @@ from finetune.config import (
     RecipeError,
     Strict,
     known_keys,
+    parse_value,
     read_recipe_file,
 )
 
@@ -212,7 +212,7 @@ def parse_sweep(raw: Any, overrides: list[str] | tuple[str, ...] = ()) -> SweepC
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise RecipeError(f"override sweep.{key}: '{part}' is not a section")
-        node[leaf] = yaml.safe_load(value) if value.strip() else None
+        node[leaf] = parse_value(f"sweep.{key.strip()}", value)
     try:
         return SweepConfig.model_validate(raw)
     except ValidationError as err:

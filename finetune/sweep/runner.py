@@ -44,7 +44,7 @@ from finetune.processes import multi_process_without_accelerator
 from finetune.runs import replace_dir
 from finetune.sweep import study as studies
 from finetune.sweep.config import SweepConfig
-from finetune.sweep.space import suggest, to_overrides
+from finetune.sweep.space import format_override, suggest, to_overrides
 
 log = logging.getLogger("finetune.sweep")
 # What a trial folder keeps when its model is removed to stay within keep_top_k
@@ -94,6 +94,7 @@ class Sweep:
         # the process group, for broadcasting trials; each trial's Run builds its own Accelerator on it
         self.state = PartialState(cpu=multi_process_without_accelerator())
         self.study: optuna.Study | None = None
+        self.trial: optuna.Trial | None = None  # the main process's current trial (other ranks get its overrides)
 
     # --- the loop ---------------------------------------------------------------
 
@@ -220,7 +221,7 @@ class Sweep:
         self._finish(trial, state, value=value, error=error, **attrs)
         _remove_checkpoints(trial_dir)
         if state != TrialState.COMPLETE:  # a pruned or failed trial has no model worth its disk (LoRA's base/)
-            for folder in [trial_dir, *sorted(trial_dir.glob("seed-*"))]:
+            for folder in _run_folders(trial_dir):
                 _remove_model(folder, f"trial {number} ended {state.name.lower()}")
         if state == TrialState.COMPLETE:
             with studies.sweep_lock(self.sweep_dir):  # other local workers may be finishing trials too
@@ -285,7 +286,7 @@ class Sweep:
                           key=lambda t: t.value, reverse=self.direction == "maximize")
         for trial in complete[k:]:
             run_dir = self.sweep_dir / trial.user_attrs.get("run_dir", f"trials/{trial.number:04d}")
-            for folder in [run_dir, *sorted(run_dir.glob("seed-*"))]:
+            for folder in _run_folders(run_dir):
                 _remove_model(folder, f"trial {trial.number} is not among the best {k}")
 
     def _update_best(self) -> None:
@@ -332,20 +333,23 @@ def _train(recipe: Recipe, hook):
 
 
 def _check_values(recipe: Recipe, cfg: SweepConfig) -> None:
-    """Each listed value and range end must be valid on its own, so a typo fails now, not as trial 7."""
+    """Each listed value and range end must be valid on its own, so a typo fails now, not as trial 7.
+    Only errors about the parameter's own keys count: one that names another key (kind=freeze
+    without freeze_layers) may be valid together with other parameters, and is judged per trial."""
     for key, spec in cfg.parameters.items():
         if spec.paired:
-            candidates = [[f"{k}={json.dumps(v)}" for k, v in choice.items()] for choice in spec.choice]
+            candidates = [[format_override(k, v) for k, v in choice.items()] for choice in spec.choice]
         else:
             values = spec.choice or list(spec.uniform or spec.loguniform or spec.int)
-            candidates = [[f"{key}={json.dumps(v)}"] for v in values]
+            candidates = [[format_override(key, v)] for v in values]
         for overrides in candidates:
+            keys = tuple(o.partition("=")[0] for o in overrides)
             try:
                 recipe.with_overrides(overrides)
             except RecipeError as err:
-                if "only apply with" in str(err) or "needs" in str(err):
-                    continue  # valid only together with another parameter (checked per trial)
-                raise RecipeError(f"sweep.parameters.{key}: {' '.join(overrides)} is not a valid setting: {err}") from None
+                if any(line.strip().startswith(tuple(f"{k}:" for k in keys)) for line in str(err).splitlines()):
+                    raise RecipeError(f"sweep.parameters.{key}: {' '.join(overrides)} is not a valid setting: "
+                                      f"{err}") from None
 
 
 def _ci95(values: list[float]) -> float:
@@ -362,9 +366,14 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
+def _run_folders(trial_dir: Path) -> list[Path]:
+    """A trial's run folder, and one per seed when repeats > 1."""
+    return [trial_dir, *sorted(trial_dir.glob("seed-*"))]
+
+
 def _remove_checkpoints(trial_dir: Path) -> None:
     """The exported model is the best checkpoint; the resumable state isn't needed once a trial ends."""
-    for folder in [trial_dir, *trial_dir.glob("seed-*")]:
+    for folder in _run_folders(trial_dir):
         shutil.rmtree(folder / "checkpoints", ignore_errors=True)
 
 
