@@ -122,6 +122,15 @@ def build_model(recipe: Recipe, backbone_path: Path, labels: list[str] | None):
     """Backbone (pretrained or random) + head, as one ``PreTrainedModel``; the head is seeded by train.seed."""
     cfg = recipe.backbone
     backbone_config = AutoConfig.from_pretrained(backbone_path, trust_remote_code=cfg.trust_remote_code)
+    if cfg.num_layers is not None:
+        available = getattr(backbone_config, "num_hidden_layers", None)
+        if available is None:
+            raise RecipeError(f"backbone.num_layers: {backbone_path} does not say how many layers it has "
+                              "(no num_hidden_layers in its config), so it cannot be truncated")
+        if cfg.num_layers > available:
+            raise RecipeError(f"backbone.num_layers={cfg.num_layers}: the backbone has only {available} layers")
+        # the first N layers' weights load as usual; the later ones are simply not read
+        backbone_config.num_hidden_layers = cfg.num_layers
     num_labels = len(labels) if labels else 1
     config = FinetuneConfig(
         backbone_config=backbone_config, task=recipe.task, pooling=recipe.head.pooling,
@@ -139,6 +148,7 @@ def build_model(recipe: Recipe, backbone_path: Path, labels: list[str] | None):
         kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code, "dtype": dtype}
         verbosity = transformers_logging.get_verbosity()
         transformers_logging.set_verbosity_error()  # the skipped pooler is expected; its load report is noise
+        kwargs["config"] = backbone_config
         try:
             model.backbone = AutoModel.from_pretrained(backbone_path, add_pooling_layer=False, **kwargs)
         except TypeError:

@@ -5,11 +5,15 @@
     finetune predict --model RUN_DIR --input sentences.txt
     finetune sweep --recipe recipes/sst2_minilm_sweep.yaml sweep.n_trials=4
     finetune sweep-report sweeps/sst2_minilm_sweep
+    finetune prune --model RUN_DIR --method magnitude --sparsity 0.5
+    finetune ensemble --from-sweep SWEEP_DIR --top-k 3
+    finetune compare --recipe sst2_minilm_full --variants pretrained,scratch
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -81,11 +85,18 @@ def _read_inputs(path: Path, run) -> tuple[list, list | None]:
 
 
 def predict_command(args: argparse.Namespace) -> int:
+    from finetune.ensemble import Ensemble, is_ensemble
     from finetune.predict import load_run, predict
 
-    run = load_run(args.model)
-    texts, pairs = _read_inputs(Path(args.input), run)
-    for text, result in zip(texts, predict(run, texts, pairs)):
+    if is_ensemble(args.model):  # an ensemble folder predicts like a run (same output lines)
+        run = Ensemble.load(args.model)
+        texts, pairs = _read_inputs(Path(args.input), run)
+        results = run.predict(texts, pairs)
+    else:
+        run = load_run(args.model)
+        texts, pairs = _read_inputs(Path(args.input), run)
+        results = predict(run, texts, pairs)
+    for text, result in zip(texts, results):
         print(json.dumps({"input": text, **result}, ensure_ascii=False))
     return 0
 
@@ -153,7 +164,22 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("sweep-report", help="rebuild a sweep's table and plots")
     report.add_argument("sweep_dir", help="the sweep folder")
     report.set_defaults(handler=sweep_report_command)
+    # commands that live beside their feature: each module has add_arguments(parser) and command(args)
+    for name, module, help_text in [
+        ("prune", "finetune.prune", "prune a finished run (magnitude, heads, layers) and report before/after"),
+        ("ensemble", "finetune.ensemble", "combine finished runs or a sweep's best trials into an ensemble"),
+        ("compare", "finetune.compare", "train recipe variants side by side (pretrained/scratch, full/lora/head_only)"),
+    ]:
+        sub = commands.add_parser(name, help=help_text)
+        sub.set_defaults(handler=_lazy_command(module))
+        importlib.import_module(module).add_arguments(sub)
     return parser
+
+
+def _lazy_command(module: str):
+    def handler(args: argparse.Namespace) -> int:
+        return importlib.import_module(module).command(args)
+    return handler
 
 
 def main(argv: list[str] | None = None) -> int:

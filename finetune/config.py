@@ -44,6 +44,8 @@ class BackboneConfig(Strict):
     """Dtype the backbone weights are loaded in."""
     trust_remote_code: bool = False
     """Allow model code shipped with the checkpoint to run. Off unless you trust its source."""
+    num_layers: int | None = Field(default=None, gt=0)
+    """Keep only the first N encoder layers (a truncated, cheaper backbone; default: all)."""
 
 
 class HeadConfig(Strict):
@@ -230,6 +232,35 @@ class OutputConfig(Strict):
     """Accelerate trackers, e.g. [tensorboard]."""
 
 
+class PruneConfig(Strict):
+    """Pruning applied to the best model after training (see finetune.prune); the pruned model is
+    saved as its own run folder in RUN_DIR/pruned and its metrics become the run's metrics."""
+
+    method: Literal["none", "magnitude", "heads", "layers"] = "none"
+    """magnitude: global L1 unstructured over the linear layers; heads: remove the least important
+    attention heads; layers: keep the most important encoder layers."""
+    sparsity: float = Field(default=0.5, ge=0.0, lt=1.0)
+    """magnitude: fraction of the linear layers' weights set to zero."""
+    heads_fraction: float = Field(default=0.25, ge=0.0, lt=1.0)
+    """heads: fraction of all attention heads removed (ranked globally by importance)."""
+    layers_kept: int | None = Field(default=None, gt=0)
+    """layers: encoder layers kept."""
+    layer_selection: Literal["importance", "first"] = "importance"
+    """layers: keep the layers whose removal hurts validation loss most, or simply the first ones."""
+    importance_samples: int = Field(default=512, gt=0)
+    """Validation examples used to score heads and layers."""
+    finetune_epochs: float = Field(default=0.0, ge=0.0)
+    """Recovery fine-tune after pruning (0: none); magnitude masks stay fixed, so sparsity holds."""
+    finetune_lr: float | None = Field(default=None, gt=0)
+    """Recovery learning rate (default: train.lr)."""
+
+    @model_validator(mode="after")
+    def _layers_named(self) -> PruneConfig:
+        if self.method == "layers" and self.layers_kept is None:
+            raise ValueError("method=layers needs layers_kept (the number of encoder layers to keep)")
+        return self
+
+
 Task = Literal["classification", "regression", "token_classification"]
 
 
@@ -246,6 +277,7 @@ class Recipe(Strict):
     data: DataConfig
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    prune: PruneConfig = PruneConfig()
     output: OutputConfig = OutputConfig()
 
     @model_validator(mode="before")

@@ -89,7 +89,17 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool | None = No
     run = Run(recipe)
     run.open_folder(resume=resume, overwrite=recipe.output.overwrite if overwrite is None else overwrite)
     run.train()
-    return run.finish()
+    return after_training(run.finish(), recipe)
+
+
+def after_training(result: RunResult, recipe: Recipe) -> RunResult:
+    """What a recipe asks for once its best model is saved: pruning (the pruned model's run folder
+    and metrics become the result; see finetune.prune)."""
+    if recipe.prune.method == "none":
+        return result
+    from finetune.prune import prune_after_training
+
+    return prune_after_training(result, recipe)
 
 
 # --- building blocks ------------------------------------------------------------------
@@ -365,7 +375,8 @@ class Run:
         started = time.perf_counter()
         result = evaluate(self.model, self.eval_loaders["validation"], accelerator, recipe, self.metrics, self.labels,
                           "evaluating")
-        record = {"step": state.global_step, "epoch": round(state.global_step / self.steps_per_epoch, 3), **result}
+        record = {"step": state.global_step, "epoch": round(state.global_step / self.steps_per_epoch, 3),
+                  "train_seconds": round(state.train_seconds, 2), **result}  # for learning curves over time
         self.history.append(record)
         greater = recipe.eval.primary != "loss" and greater_is_better(recipe.eval.primary)
         value = result[recipe.eval.primary]

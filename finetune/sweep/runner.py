@@ -39,7 +39,7 @@ from accelerate.utils import broadcast_object_list
 from optuna.trial import TrialState
 
 from finetune.config import Recipe, RecipeError
-from finetune.loop import Run
+from finetune.loop import Run, after_training
 from finetune.processes import multi_process_without_accelerator
 from finetune.runs import replace_dir
 from finetune.sweep import study as studies
@@ -324,7 +324,7 @@ def _train(recipe: Recipe, hook):
     try:
         run.open_folder(resume=False, overwrite=True)
         run.train()
-        return run.finish()
+        return after_training(run.finish(), recipe)
     except BaseException:
         run.end_trackers()
         raise

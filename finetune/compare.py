@@ -1,0 +1,9 @@
+"""Placeholder while the compare feature is written (issue 5); replaced by the real module."""
+
+
+def add_arguments(parser) -> None:
+    pass
+
+
+def command(args) -> int:
+    raise NotImplementedError("finetune compare is being written")
