@@ -26,6 +26,7 @@ from transformers import AutoConfig, AutoModel
 from transformers.utils import logging as transformers_logging
 
 from finetune.config import BackboneConfig, Recipe, RecipeError
+from finetune.reuse import reuse
 from finetune.modeling import FinetuneConfig, FinetuneForSequenceClassification, FinetuneForTokenClassification
 
 log = logging.getLogger(__name__)
@@ -149,10 +150,16 @@ def build_model(recipe: Recipe, backbone_path: Path, labels: list[str] | None):
         verbosity = transformers_logging.get_verbosity()
         transformers_logging.set_verbosity_error()  # the skipped pooler is expected; its load report is noise
         kwargs["config"] = backbone_config
-        try:
-            model.backbone = AutoModel.from_pretrained(backbone_path, add_pooling_layer=False, **kwargs)
-        except TypeError:
-            model.backbone = AutoModel.from_pretrained(backbone_path, **kwargs)
+
+        def load() -> torch.nn.Module:
+            try:
+                return AutoModel.from_pretrained(backbone_path, add_pooling_layer=False, **kwargs)
+            except TypeError:
+                return AutoModel.from_pretrained(backbone_path, **kwargs)
+
+        key = ("backbone", str(backbone_path), cfg.revision, cfg.dtype, cfg.num_layers, cfg.trust_remote_code)
+        try:  # a sweep's trials read the weights once and each train a private copy
+            model.backbone = reuse(key, load, private=True)
         finally:
             transformers_logging.set_verbosity(verbosity)
     model.backbone.to(dtype)

@@ -40,6 +40,7 @@ from finetune.processes import (
     set_trackers,
     setup_logging,
 )
+from finetune.reuse import reuse
 from finetune.runs import (
     RunResult,
     atomic_write_text,
@@ -71,6 +72,7 @@ class TrainState:
     evals_without_improvement: int = 0
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
+    checkpoint_seconds: float = 0.0
     samples_seen: int = 0
     tokens_processed: int = 0
     """Token positions the model computed on, padding included."""
@@ -165,6 +167,7 @@ class Run:
         report to its study and may raise to stop the run (pruning). ``quiet`` keeps the console
         to warnings and a transient progress bar (train.log still gets everything)."""
         self.on_validation, self.quiet = on_validation, quiet
+        self.started = time.perf_counter()  # setup time (data, model, folder) is reported, see finish()
         # Validate again as a whole: attribute assignment checks one field, not how sections fit together.
         self.recipe = recipe = Recipe.from_dict(recipe.to_dict())
         # Accelerate keeps one global state per process; several runs in one Python process (a
@@ -196,9 +199,13 @@ class Run:
         except ValueError as err:
             raise RecipeError(f"eval.metrics: {err}") from None
         with accelerator.main_process_first():  # the main process tokenises, the others read its cache
-            raw = data_lib.load_splits(recipe.data)
+            raw = reuse(("data", json.dumps(recipe.data.model_dump(mode="json"))),
+                        lambda: data_lib.load_splits(recipe.data))
             self.labels = data_lib.label_names(recipe, raw)
-            self.tokenised = data_lib.tokenize(recipe, raw, self.tokenizer, self.labels)
+            # the same data, tokeniser and max_length give the same tokens: a sweep tokenises once
+            key = ("tokens", id(raw), str(self.backbone_path), recipe.backbone.revision, recipe.task,
+                   tuple(self.labels or ()))
+            self.tokenised = reuse(key, lambda: data_lib.tokenize(recipe, raw, self.tokenizer, self.labels))
         binary = sorted(BINARY_ONLY & set(recipe.eval.metrics))
         if binary and len(self.labels or []) != 2:
             raise RecipeError(f"eval.metrics: {binary} score the positive class of a binary task, but there are "
@@ -284,6 +291,7 @@ class Run:
         if resume:
             self._restore()
         accelerator.init_trackers(recipe.name, config={k: str(v) for k, v in recipe.to_dict()["train"].items()})
+        self.setup_seconds = time.perf_counter() - self.started
 
     def _restore(self) -> None:
         self.accelerator.load_state(str(self.last_dir))
@@ -306,7 +314,7 @@ class Run:
         train_mode(model, self.recipe)
         progress = tqdm(total=self.total_steps, initial=state.global_step, desc="training", leave=not self.quiet,
                         disable=not accelerator.is_local_main_process)
-        started = time.perf_counter() - state.train_seconds - state.eval_seconds
+        started = time.perf_counter() - state.train_seconds - self._seconds_not_training()
         running_loss, losses_in_window, stop = torch.zeros((), device=accelerator.device), 0, False
         evaluated_at = self.history[-1]["step"] if self.history else -1
         while state.global_step < self.total_steps and not stop:
@@ -343,7 +351,7 @@ class Run:
                     lr = self.scheduler.get_last_lr()[0]
                     progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
                     accelerator.log({"train/loss": mean_loss, "train/lr": lr}, step=state.global_step)
-                state.train_seconds = time.perf_counter() - started - state.eval_seconds
+                state.train_seconds = time.perf_counter() - started - self._seconds_not_training()
                 if isinstance(cfg.eval_every, int) and state.global_step % cfg.eval_every == 0:
                     evaluated_at, stop = state.global_step, self.validate()
                 elif cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0:
@@ -355,9 +363,12 @@ class Run:
                 if cfg.eval_every == "epoch" and evaluated_at != state.global_step:
                     evaluated_at, stop = state.global_step, self.validate()
         progress.close()
-        state.train_seconds = time.perf_counter() - started - state.eval_seconds
+        state.train_seconds = time.perf_counter() - started - self._seconds_not_training()
         if evaluated_at != state.global_step:  # the final weights always get a say in model selection
             self.validate()
+
+    def _seconds_not_training(self) -> float:
+        return self.state.eval_seconds + self.state.checkpoint_seconds
 
     def _stop_if_diverged(self, loss: torch.Tensor) -> None:
         # One host sync per step (cheap on CPU) buys a stop at the exact step that diverged.
@@ -407,6 +418,7 @@ class Run:
     def save_checkpoint(self) -> None:
         """Resumable state (model, optimizer, scheduler, RNG, step) and the best weights so far,
         written aside and moved into place together."""
+        started = time.perf_counter()
         self._count_real_tokens()
         accelerator, tmp = self.accelerator, self.last_dir.with_name(".last.tmp")
         if accelerator.is_main_process and tmp.exists():
@@ -423,6 +435,8 @@ class Run:
                 except OSError:
                     shutil.copyfile(self.best_path, tmp / "best.safetensors")
             self.best_changed = False
+        self.state.checkpoint_seconds += time.perf_counter() - started  # before it is saved with the state
+        if accelerator.is_main_process:
             (tmp / "train_state.json").write_text(json.dumps(self.state.__dict__))
             replace_dir(tmp, self.last_dir)
         accelerator.wait_for_everyone()
@@ -437,7 +451,9 @@ class Run:
         # with cached features the trained module is the head alone; the full model shares it
         model = accelerator.unwrap_model(self.model) if self.features is None else self.full_model
         best = next(r for r in self.history if r["step"] == state.best_step)
-        final = {"best_step": state.best_step, "validation": {k: v for k, v in best.items() if k not in ("step", "epoch")}}
+        final = {"best_step": state.best_step,
+                 "validation": {k: v for k, v in best.items() if k not in ("step", "epoch", "train_seconds")}}
+        test_started = time.perf_counter()
         if "test" in self.eval_loaders:
             final["test"] = evaluate(self.model, self.eval_loaders["test"], accelerator, recipe, self.metrics,
                                      self.labels, "testing")
@@ -447,7 +463,12 @@ class Run:
                      tokens_processed=state.tokens_processed, tokens_real=state.tokens_real,
                      feature_cache_seconds=round(self.feature_seconds, 2),
                      padding_fraction=round(1 - state.tokens_real / max(state.tokens_processed, 1), 4),
-                     trainable_parameters=self.trainable, total_parameters=self.total)
+                     trainable_parameters=self.trainable, total_parameters=self.total,
+                     # where the wall time went; a sweep reports the part outside training steps per trial
+                     seconds={"setup": round(self.setup_seconds, 2), "train": round(state.train_seconds, 2),
+                              "evaluate": round(state.eval_seconds, 2),
+                              "checkpoint": round(state.checkpoint_seconds, 2),
+                              "test": round(time.perf_counter() - test_started, 2)})
         if accelerator.is_main_process:
             export_model(model, self.tokenizer, self.labels, self.run_dir, recipe.output.merge_lora)
             atomic_write_text(self.run_dir / "metrics.json", json.dumps(final, indent=2))

@@ -20,8 +20,8 @@ from finetune.config import RecipeError
 from finetune.sweep.config import SweepConfig, parse_sweep
 
 log = logging.getLogger("finetune.sweep")
-COLUMNS = ["number", "slot", "state", "value", "overrides", "best_step", "seconds", "train_seconds", "guided",
-           "ci95", "retry_of", "model", "worker", "rss_mb", "error"]
+COLUMNS = ["number", "slot", "state", "value", "overrides", "best_step", "seconds", "train_seconds",
+           "outside_training", "guided", "ci95", "retry_of", "model", "worker", "rss_mb", "error"]
 
 
 def trial_rows(study: optuna.Study, metric: str) -> list[dict[str, Any]]:
@@ -35,6 +35,8 @@ def trial_rows(study: optuna.Study, metric: str) -> list[dict[str, Any]]:
                "overrides": " ".join(attrs.get("overrides", [])), "params": trial.params,
                "best_step": attrs.get("best_step"), "seconds": attrs.get("seconds"),
                "train_seconds": attrs.get("train_seconds"), "guided": attrs.get("guided"),
+               "time_split": attrs.get("time_split"),
+               "outside_training": (attrs.get("time_split") or {}).get("outside_training"),
                "ci95": attrs.get("ci95"), "values": attrs.get("values"), "retry_of": attrs.get("retry_of"),
                "model": attrs.get("model_dir"), "test": attrs.get("test"), "error": attrs.get("error"),
                "worker": attrs.get("worker"), "rss_mb": attrs.get("rss_mb"),
@@ -82,7 +84,22 @@ def _summary(study: optuna.Study, cfg: SweepConfig, metric: str, rows: list[dict
         lines.append(f"best: trial {best['number']} {metric} {best['value']:.4f}"
                      + (f" (test {test:.4f})" if test is not None else "")
                      + f" with {best['overrides'] or 'the base recipe'}; model in best/")
+    lines += _time_summary(complete)
     return "\n".join(lines)
+
+
+def _time_summary(complete: list[dict]) -> list[str]:
+    """Per completed trial, the share of wall time spent outside training steps, and on what."""
+    splits = [r["time_split"] for r in complete if r.get("time_split")]
+    if not splits:
+        return []
+    parts = ["setup", "evaluate", "checkpoint", "test", "other"]
+    totals = {part: sum(s.get(part, 0.0) for s in splits) for part in parts}
+    wall = sum(r["seconds"] for r in complete if r.get("time_split"))
+    shares = sorted(s["outside_training"] for s in splits)
+    return [f"time outside training steps: median {shares[len(shares) // 2]:.1%} of a completed trial's wall time "
+            f"(range {shares[0]:.1%}-{shares[-1]:.1%}); of all completed trials' {wall:.0f} s: "
+            + ", ".join(f"{part} {totals[part] / max(wall, 1e-9):.1%}" for part in parts)]
 
 
 def _markdown_table(rows: list[dict], metric: str) -> str:

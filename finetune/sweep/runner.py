@@ -41,6 +41,7 @@ from optuna.trial import TrialState
 from finetune.config import Recipe, RecipeError
 from finetune.loop import Run, after_training
 from finetune.processes import multi_process_without_accelerator
+from finetune.reuse import sharing
 from finetune.runs import replace_dir
 from finetune.sweep import study as studies
 from finetune.sweep.config import SweepConfig
@@ -104,18 +105,19 @@ class Sweep:
         if self.state.is_main_process:
             self._open()
         started = time.monotonic()
-        while True:
-            message = [None]
-            if self.state.is_main_process:
-                message[0] = self._next_trial(started)
-                if message[0] == "wait":  # other workers' trials are running: wait for them or their death
-                    time.sleep(self.cfg.heartbeat_seconds)
-                    continue
-            if self.state.num_processes > 1:
-                broadcast_object_list(message)
-            if message[0] is None:
-                break
-            self._run_trial(**message[0])
+        with sharing():  # the trials of this process read the backbone and tokenise the data once
+            while True:
+                message = [None]
+                if self.state.is_main_process:
+                    message[0] = self._next_trial(started)
+                    if message[0] == "wait":  # other workers' trials are running: wait for them or their death
+                        time.sleep(self.cfg.heartbeat_seconds)
+                        continue
+                if self.state.num_processes > 1:
+                    broadcast_object_list(message)
+                if message[0] is None:
+                    break
+                self._run_trial(**message[0])
         if not self.state.is_main_process:
             return SweepResult(self.sweep_dir, self.study_name, self.metric, self.direction)
         with studies.sweep_lock(self.sweep_dir):
@@ -214,6 +216,7 @@ class Sweep:
             attrs.update(best_step=results[best].best_step, test=results[best].metrics.get("test"),
                          train_seconds=round(sum(r.metrics["train_seconds"] for r in results), 1),
                          model_dir=str(results[best].run_dir.relative_to(self.sweep_dir)))
+            attrs.update(time_split=_time_split(results, seconds))
             if len(values) > 1:
                 attrs.update(values=values, ci95=_ci95(values))
             if math.isnan(value):
@@ -330,6 +333,18 @@ def _train(recipe: Recipe, hook):
         raise
     finally:
         run.accelerator.free_memory()  # Accelerate keeps references to the prepared model and optimizer
+
+
+def _time_split(results: list, seconds: float) -> dict[str, float]:
+    """Where a trial's wall time went (summed over repeats): training steps, evaluation, setup
+    (data, model, folder), checkpoints, test, and the rest (export, pruning, sweep bookkeeping)."""
+    split: dict[str, float] = {}
+    for result in results:
+        for part, value in result.metrics.get("seconds", {}).items():
+            split[part] = round(split.get(part, 0.0) + value, 2)
+    split["other"] = round(seconds - sum(split.values()), 2)
+    split["outside_training"] = round(1 - split.get("train", 0.0) / max(seconds, 1e-9), 4)
+    return split
 
 
 def _check_values(recipe: Recipe, cfg: SweepConfig) -> None:
