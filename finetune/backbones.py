@@ -17,17 +17,20 @@ import logging
 import os
 from pathlib import Path
 
-import yaml
-from huggingface_hub import constants
-
 import torch
+import yaml
 from accelerate.utils import set_seed
+from huggingface_hub import constants
 from transformers import AutoConfig, AutoModel
 from transformers.utils import logging as transformers_logging
 
 from finetune.config import BackboneConfig, Recipe, RecipeError
+from finetune.modeling import (
+    FinetuneConfig,
+    FinetuneForSequenceClassification,
+    FinetuneForTokenClassification,
+)
 from finetune.reuse import reuse
-from finetune.modeling import FinetuneConfig, FinetuneForSequenceClassification, FinetuneForTokenClassification
 
 log = logging.getLogger(__name__)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import torch
+from conftest import tiny_recipe
 from safetensors.torch import load_file
 from transformers import AutoModel
 
-from conftest import tiny_recipe
 from finetune import data as data_lib
 from finetune.reuse import reuse, sharing
 
