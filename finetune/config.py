@@ -183,6 +183,9 @@ class TrainConfig(Strict):
     """Autocast precision, passed to Accelerate."""
     seed: int = 42
     """Seed for initialisation, dropout and data order."""
+    compile: bool = False
+    """torch.compile the model (inductor, dynamic shapes). Fuses element-wise work; compiling costs about a
+    minute on a small CPU, so it pays off only on long runs. Same parameters and saved files as without."""
     cache_features: bool = True
     """head_only: compute the frozen backbone's pooled vectors once (cached on disk, see finetune.features)
     and train the head on them."""

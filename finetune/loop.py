@@ -9,6 +9,7 @@ evaluation, test it and export it. The same code runs on one CPU process, under
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import logging
 import math
@@ -212,8 +213,11 @@ class Run:
                               f"{len(self.labels or [])} labels; use the _macro/_micro/_weighted variants")
         model = build_model(recipe, self.backbone_path, self.labels)
         # peft injects adapters in place: keep the untouched model to save as the adapter's base
+        # (new module objects around the same tensors: LoRA never writes to the base weights, and the head
+        # it trains is peft's copy, so sharing them costs no memory where a deep copy cost the whole model)
         keep_base = recipe.policy.kind == "lora" and accelerator.is_main_process
-        self.base_model = copy.deepcopy(model) if keep_base else None
+        shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+        self.base_model = copy.deepcopy(model, memo=shared) if keep_base else None
         self.model = apply_policy(model, recipe)
         self.trainable, self.total = count_parameters(self.model)
         self.full_model, self.features = self.model, None  # features: head_only's cached vectors per split
@@ -273,6 +277,8 @@ class Run:
             trained = features_lib.HeadOnFeatures(self.model)
             log.info("training the head on cached backbone features (train.cache_features)")
         self.sampler = train_loader.sampler
+        if recipe.train.compile:  # in place, so parameter names (checkpoints, exported files) don't change
+            trained.compile(dynamic=True)
         optimizer = make_optimizer(trained, recipe)
         self.model, self.optimizer, self.train_loader, *prepared = accelerator.prepare(
             trained, optimizer, train_loader, *eval_loaders.values())

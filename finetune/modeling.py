@@ -8,15 +8,20 @@ with the Auto classes and no remote code is needed at all.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import SequenceClassifierOutput, TokenClassifierOutput
+from transformers.modeling_outputs import (
+    SequenceClassifierOutput,
+    TokenClassifierOutput,
+)
 
 
 class FinetuneConfig(PretrainedConfig):
     model_type = "finetune"
-    sub_configs = {"backbone_config": AutoConfig}
+    sub_configs: ClassVar[dict] = {"backbone_config": AutoConfig}
 
     def __init__(
         self,
@@ -26,6 +31,7 @@ class FinetuneConfig(PretrainedConfig):
         head_type: str = "linear",
         head_hidden_size: int | None = None,
         head_dropout: float = 0.1,
+        removed_heads: dict[str, list[int]] | None = None,
         **kwargs,
     ):
         if isinstance(backbone_config, dict):
@@ -36,6 +42,9 @@ class FinetuneConfig(PretrainedConfig):
         self.head_type = head_type
         self.head_hidden_size = head_hidden_size
         self.head_dropout = head_dropout
+        # attention heads removed by structured pruning, per encoder layer (finetune.prune): the
+        # layer's original head numbers, re-applied when the model is built so the saved weights fit
+        self.removed_heads = {str(k): sorted(int(h) for h in v) for k, v in (removed_heads or {}).items()}
         super().__init__(**kwargs)
 
 
@@ -64,17 +73,102 @@ def build_backbone(config: PretrainedConfig) -> nn.Module:
         return AutoModel.from_config(config)
 
 
+# --- structured pruning: where the encoder keeps its layers and heads -------------------------
+# Lives here, not in finetune.prune, because a head-pruned model must be rebuilt smaller before
+# its weights load, and this file has to stand alone in a run folder.
+
+
+def encoder_layers(backbone: nn.Module) -> nn.ModuleList:
+    """The encoder's list of layers: ``encoder.layer`` (BERT, RoBERTa, ELECTRA, ...) or
+    ``transformer.layer`` (DistilBERT).
+
+    Raises:
+        ValueError: the architecture keeps its layers elsewhere.
+    """
+    for owner in ("encoder", "transformer"):
+        layers = getattr(getattr(backbone, owner, None), "layer", None)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    raise ValueError(f"{type(backbone).__name__}: no encoder.layer or transformer.layer list; layer and head "
+                     "pruning support BERT-, RoBERTa- and DistilBERT-style encoders")
+
+
+def attention_projections(layer: nn.Module) -> tuple[nn.Module, tuple[str, str, str], nn.Module, str]:
+    """(self-attention module, names of its query/key/value linears, owner of the output
+    projection, its name). The output projection reads the heads' outputs side by side.
+
+    Raises:
+        ValueError: an attention layout other than BERT's or DistilBERT's.
+    """
+    attention = getattr(layer, "attention", None)
+    if hasattr(attention, "self") and hasattr(attention.self, "query"):  # BERT, RoBERTa, ELECTRA
+        return attention.self, ("query", "key", "value"), attention.output, "dense"
+    if hasattr(attention, "q_lin"):  # DistilBERT
+        return attention, ("q_lin", "k_lin", "v_lin"), attention, "out_lin"
+    raise ValueError(f"{type(layer).__name__}: unknown attention layout (expected BERT's attention.self.query "
+                     "or DistilBERT's attention.q_lin)")
+
+
+def head_count(layer: nn.Module) -> int:
+    attention, (query, _, _), _, _ = attention_projections(layer)
+    return getattr(attention, query).out_features // attention.attention_head_size
+
+
+def _keep_features(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
+    """A smaller copy of ``linear`` keeping output rows (dim 0) or input columns (dim 1) ``index``."""
+    weight = linear.weight.index_select(dim, index.to(linear.weight.device))
+    smaller = nn.Linear(weight.shape[1], weight.shape[0], bias=linear.bias is not None,
+                        device=weight.device, dtype=weight.dtype)
+    smaller.weight = nn.Parameter(weight.detach().clone(), requires_grad=linear.weight.requires_grad)
+    if linear.bias is not None:
+        bias = linear.bias if dim == 1 else linear.bias.index_select(0, index.to(linear.bias.device))
+        smaller.bias = nn.Parameter(bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+    return smaller
+
+
+def remove_heads(backbone: nn.Module, heads_by_layer: dict[int, list[int]]) -> None:
+    """Remove attention heads for real: slice query/key/value output rows and the output
+    projection's input columns. Heads are numbered as the layer has them now. The attention
+    forward infers the head count from the tensor shapes; the counts on the module are updated
+    too, for readers.
+
+    Raises:
+        ValueError: a head that doesn't exist, or every head of a layer (a layer keeps at least one).
+    """
+    if not heads_by_layer:
+        return
+    layers = encoder_layers(backbone)
+    for index, heads in heads_by_layer.items():
+        attention, projections, owner, output = attention_projections(layers[index])
+        size, count = attention.attention_head_size, head_count(layers[index])
+        if any(h < 0 or h >= count for h in heads):
+            raise ValueError(f"layer {index} has heads 0..{count - 1}, cannot remove {sorted(heads)}")
+        kept = [h for h in range(count) if h not in set(heads)]
+        if not kept:
+            raise ValueError(f"layer {index}: removing all {count} heads would leave no attention; keep at least one")
+        index_ = torch.cat([torch.arange(h * size, (h + 1) * size) for h in kept])
+        for name in projections:
+            setattr(attention, name, _keep_features(getattr(attention, name), index_, dim=0))
+        setattr(owner, output, _keep_features(getattr(owner, output), index_, dim=1))
+        for attr in ("num_attention_heads", "n_heads"):
+            if hasattr(attention, attr):
+                setattr(attention, attr, len(kept))
+        if hasattr(attention, "all_head_size"):
+            attention.all_head_size = len(kept) * size
+
+
 class FinetunePreTrainedModel(PreTrainedModel):
     """Backbone (without its pooler) + ``classifier`` head; subclasses differ only in what the head reads."""
 
     config_class = FinetuneConfig
     base_model_prefix = "backbone"
     supports_gradient_checkpointing = True
-    _no_split_modules = []
+    _no_split_modules: ClassVar[list[str]] = []
 
     def __init__(self, config: FinetuneConfig):
         super().__init__(config)
         self.backbone = build_backbone(config.backbone_config)
+        remove_heads(self.backbone, {int(layer): heads for layer, heads in config.removed_heads.items()})
         self.classifier = Head(config.backbone_config.hidden_size, config.num_labels, config.head_type,
                                config.head_hidden_size, config.head_dropout)
         self.post_init()

@@ -7,7 +7,9 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import tiny_recipe, write_tsv
+from safetensors.torch import load_file
 
 from finetune import RecipeError
 from finetune.loop import TrainingDiverged
@@ -224,3 +226,36 @@ def test_run_in_the_default_folder_can_be_resumed_by_naming_it(tiny_backbone, se
     assert result.run_dir.parent == Path("runs") and result.run_dir.name.startswith("tiny-")
     again = recipe.with_overrides([f"output.dir={result.run_dir}"]).run(resume=True)
     assert again.best_step == result.best_step
+
+
+@pytest.fixture(scope="module")
+def tiny_backbone_without_dropout(tmp_path_factory, tiny_backbone):
+    """The tiny backbone with dropout off, so eager and compiled training can be compared step for step
+    (inductor draws dropout masks from its own generator)."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("tiny-bert-no-dropout")
+    for item in tiny_backbone.iterdir():
+        shutil.copy(item, folder / item.name)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_to_the_same_weights_as_eager(tiny_backbone_without_dropout, sentiment_dir, tmp_path):
+    """train.compile=true: same losses, metrics and saved parameter names as eager, within float tolerance."""
+    results = {}
+    for compiled in (False, True):
+        recipe = tiny_recipe(tiny_backbone_without_dropout, sentiment_dir, tmp_path / str(compiled),
+                             head={"pooling": "mean", "dropout": 0.0}, train={"epochs": 1, "compile": compiled})
+        results[compiled] = recipe.run()
+    eager, compiled = results[False], results[True]
+    assert compiled.metrics["validation"]["loss"] == pytest.approx(eager.metrics["validation"]["loss"], abs=1e-4)
+    assert compiled.metrics["test"]["accuracy"] == eager.metrics["test"]["accuracy"]
+    eager_weights = load_file(eager.run_dir / "model.safetensors")
+    compiled_weights = load_file(compiled.run_dir / "model.safetensors")
+    assert eager_weights.keys() == compiled_weights.keys()  # no _orig_mod. prefixes in the exported files
+    for name, value in eager_weights.items():
+        torch.testing.assert_close(compiled_weights[name], value, atol=1e-4, rtol=1e-3)

@@ -126,6 +126,9 @@ class SweepConfig(Strict):
     """Study name (default: the recipe name); workers with the same storage and study share the trials."""
     keep_top_k: int | None = Field(default=3, ge=1)
     """Keep the models of the best k trials (null keeps all); others keep their metrics and logs."""
+    measure_cost: bool = True
+    """Measure each completed trial's model: parameters and CPU inference latency (batch 32, LoRA merged),
+    for the report's accuracy-vs-latency and accuracy-vs-size Pareto plot (a few seconds per trial)."""
     heartbeat_seconds: float = Field(default=20.0, gt=0)
     """A running trial records a heartbeat this often; one silent for 3 beats is taken as dead and re-run."""
 

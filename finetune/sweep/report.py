@@ -21,7 +21,7 @@ from finetune.sweep.config import SweepConfig, parse_sweep
 
 log = logging.getLogger("finetune.sweep")
 COLUMNS = ["number", "slot", "state", "value", "overrides", "best_step", "seconds", "train_seconds",
-           "outside_training", "guided", "ci95", "retry_of", "model", "worker", "rss_mb", "error"]
+           "outside_training", "parameters", "nonzero_parameters", "latency_ms", "guided", "ci95", "retry_of", "model", "worker", "rss_mb", "error"]
 
 
 def trial_rows(study: optuna.Study, metric: str) -> list[dict[str, Any]]:
@@ -35,7 +35,8 @@ def trial_rows(study: optuna.Study, metric: str) -> list[dict[str, Any]]:
                "overrides": " ".join(attrs.get("overrides", [])), "params": trial.params,
                "best_step": attrs.get("best_step"), "seconds": attrs.get("seconds"),
                "train_seconds": attrs.get("train_seconds"), "guided": attrs.get("guided"),
-               "time_split": attrs.get("time_split"),
+               "time_split": attrs.get("time_split"), "parameters": attrs.get("parameters"),
+               "nonzero_parameters": attrs.get("nonzero_parameters"), "latency_ms": attrs.get("latency_ms"),
                "outside_training": (attrs.get("time_split") or {}).get("outside_training"),
                "ci95": attrs.get("ci95"), "values": attrs.get("values"), "retry_of": attrs.get("retry_of"),
                "model": attrs.get("model_dir"), "test": attrs.get("test"), "error": attrs.get("error"),
@@ -59,10 +60,13 @@ def write_report(study: optuna.Study, sweep_dir: Path, cfg: SweepConfig, metric:
         for row in rows:
             writer.writerow({**row, f"test_{metric}": (row["test"] or {}).get(metric)})
     plots = _plots(study, out, cfg)
-    table = _markdown_table(rows, metric)
+    maximize = study.direction.name == "MAXIMIZE"
+    plots["pareto"] = pareto_plot(rows, metric, maximize, out / "pareto.png")
+    table = _markdown_table(rows, metric) + pareto_table(rows, metric, maximize)
     summary = _summary(study, cfg, metric, rows)
     (out / "report.md").write_text(f"# Sweep {study.study_name}\n\n{summary}\n\n{table}\n\n## Plots\n\n"
-                                   + "\n".join(f"- {name}: [{name}.png]({name}.png), [{name}.html]({name}.html)"
+                                   + "\n".join((f"- {name}: [{name}.png]({name}.png)" if name == "pareto" else
+                                                f"- {name}: [{name}.png]({name}.png), [{name}.html]({name}.html)")
                                                if ok else f"- {name}: not drawn ({why})" for name, (ok, why) in plots.items())
                                    + "\n")
     log.info("%s\n%s\nreport: %s", summary, table, out)
@@ -111,6 +115,65 @@ def _markdown_table(rows: list[dict], metric: str) -> str:
         note = r["error"] or (f"pruned at step {r['pruned_at_step']}" if r.get("pruned_at_step") is not None else "")
         lines.append(f"| {r['number']} | {r['state']} | {value} | {'' if test is None else f'{test:.4f}'} | "
                      f"{r['overrides']} | {r['best_step'] or ''} | {r['seconds'] or ''} | {note.replace('|', '/')[:120]} |")
+    return "\n".join(lines)
+
+
+def pareto_front(points: list[tuple[float, float]], maximize: bool) -> list[int]:
+    """Indices of the points no other point beats: at most the cost (first) and at least as good a value
+    (second), and strictly better in one of them."""
+    def beats(a, b):
+        better = a[1] >= b[1] if maximize else a[1] <= b[1]
+        strictly = a[0] < b[0] or (a[1] > b[1] if maximize else a[1] < b[1])
+        return a[0] <= b[0] and better and strictly
+    return [i for i, p in enumerate(points) if not any(beats(q, p) for j, q in enumerate(points) if j != i)]
+
+
+def _measured(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["state"] == "COMPLETE" and r.get("latency_ms") is not None]
+
+
+def pareto_plot(rows: list[dict], metric: str, maximize: bool, path: Path) -> tuple[bool, str]:
+    """Validation metric against CPU latency and against parameter count; the Pareto front joined."""
+    measured = _measured(rows)
+    if len(measured) < 2:
+        return False, "needs 2 completed trials with a measured cost (sweep.measure_cost)"
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for ax, cost, label in [(axes[0], "latency_ms", "CPU latency per batch of 32 (ms)"),
+                            (axes[1], "nonzero_parameters", "parameters (non-zero)")]:
+        points = [(r[cost], r["value"]) for r in measured]
+        front = sorted(pareto_front(points, maximize), key=lambda i: points[i][0])
+        ax.scatter(*zip(*points), color="tab:gray", label="trial")
+        ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "o-", color="tab:red",
+                label="Pareto front")
+        for r, (x, y) in zip(measured, points):
+            ax.annotate(str(r["number"]), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel(label)
+        ax.set_ylabel(f"validation {metric}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    figure.suptitle("Accuracy against cost: trials on the red line are not beaten on both")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True, ""
+
+
+def pareto_table(rows: list[dict], metric: str, maximize: bool) -> str:
+    measured = _measured(rows)
+    if not measured:
+        return ""
+    front = set(pareto_front([(r["latency_ms"], r["value"]) for r in measured], maximize))
+    lines = ["", "", (f"Cost of each completed trial's model (CPU, batch 32, LoRA merged); * = on the "
+                      f"{metric}-vs-latency Pareto front"), "",
+             f"| trial | {metric} (validation) | latency ms | parameters | non-zero | settings |", "|---|---|---|---|---|---|"]
+    for i, r in sorted(enumerate(measured), key=lambda item: item[1]["latency_ms"]):
+        lines.append(f"| {r['number']}{' *' if i in front else ''} | {r['value']:.4f} | {r['latency_ms']:.1f} | "
+                     f"{r['parameters']:,} | {r['nonzero_parameters']:,} | {r['overrides']} |")
     return "\n".join(lines)
 
 

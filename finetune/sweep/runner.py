@@ -41,7 +41,7 @@ from optuna.trial import TrialState
 from finetune.config import Recipe, RecipeError
 from finetune.loop import Run, after_training
 from finetune.processes import multi_process_without_accelerator
-from finetune.reuse import sharing
+from finetune.reuse import reuse, sharing
 from finetune.runs import replace_dir
 from finetune.sweep import study as studies
 from finetune.sweep.config import SweepConfig
@@ -216,6 +216,13 @@ class Sweep:
             attrs.update(best_step=results[best].best_step, test=results[best].metrics.get("test"),
                          train_seconds=round(sum(r.metrics["train_seconds"] for r in results), 1),
                          model_dir=str(results[best].run_dir.relative_to(self.sweep_dir)))
+            if cfg.measure_cost:
+                try:
+                    attrs.update(model_cost(results[best].run_dir))
+                except Exception as err:  # noqa: BLE001 - the trial's result stands without its cost
+                    log.warning("trial %d: could not measure the model's cost: %s: %s", number, type(err).__name__, err)
+                seconds = time.monotonic() - began
+                attrs["seconds"] = round(seconds, 1)
             attrs.update(time_split=_time_split(results, seconds))
             if len(values) > 1:
                 attrs.update(values=values, ci95=_ci95(values))
@@ -333,6 +340,29 @@ def _train(recipe: Recipe, hook):
         raise
     finally:
         run.accelerator.free_memory()  # Accelerate keeps references to the prepared model and optimizer
+
+
+def model_cost(run_dir: Path, batch_size: int = 32, batches: int = 8) -> dict[str, Any]:
+    """A finished run's model: parameters (non-zero ones too, for magnitude pruning) and the median CPU
+    latency of a forward pass over batches of its own validation texts. LoRA is merged first, as it
+    would be deployed; everything runs on CPU whatever trained the model, so trials compare."""
+    from finetune.data import load_splits
+    from finetune.inference import latency_ms, parameter_counts
+    from finetune.predict import load_run
+
+    run = load_run(run_dir)
+    model = run.model.merge_and_unload() if hasattr(run.model, "merge_and_unload") else run.model
+    data, cols = run.recipe.data, run.recipe.data.columns
+    rows = reuse(("data", json.dumps(data.model_dump(mode="json"))), lambda: load_splits(data))
+    split = rows["validation"]
+    token_task = run.recipe.task == "token_classification"
+    texts = split[cols.tokens if token_task else cols.text][:batch_size * batches]
+    pairs = split[cols.text_pair][:batch_size * batches] if cols.text_pair and not token_task else None
+    counts = parameter_counts(model)
+    latency = latency_ms(model.cpu(), run.tokenizer, texts, batch_size, data.max_length, repeats=batches,
+                         warmup=2, pairs=pairs)
+    return {"parameters": counts["total"], "nonzero_parameters": counts["nonzero"],
+            "latency_ms": round(latency, 2), "latency_batch_size": batch_size}
 
 
 def _time_split(results: list, seconds: float) -> dict[str, float]:
