@@ -187,8 +187,9 @@ class TrainConfig(Strict):
     """torch.compile the model (inductor, dynamic shapes). Fuses element-wise work; compiling costs about a
     minute on a small CPU, so it pays off only on long runs. Same parameters and saved files as without."""
     cache_features: bool = True
-    """head_only: compute the frozen backbone's pooled vectors once (cached on disk, see finetune.features)
-    and train the head on them."""
+    """Compute what the frozen part outputs once (cached on disk, see finetune.features) and train the rest
+    on it: head_only's pooled vectors, or with kind=freeze, freeze_embeddings and freeze_layers=N (BERT-style
+    encoders) the hidden states after layer N."""
     group_by_length: bool = True
     """Batch examples of similar length (shuffled buckets) so less compute is spent on padding."""
     eval_every: Literal["epoch"] | int = "epoch"

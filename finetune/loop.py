@@ -222,10 +222,11 @@ class Run:
         self.trainable, self.total = count_parameters(self.model)
         self.full_model, self.features = self.model, None  # features: head_only's cached vectors per split
         started, self.feature_seconds = time.perf_counter(), 0.0
-        if features_lib.applies(recipe):
+        if features_lib.applies(recipe) and features_lib.supports(self.model, recipe):
             with accelerator.main_process_first():
                 self.features = features_lib.load_or_compute(recipe, self.model, self.tokenised, self.backbone_path,
-                                                             self.collator, accelerator)
+                                                             self.collator, accelerator,
+                                                             data_lib.pad_multiple(accelerator.device))
             self.feature_seconds = time.perf_counter() - started  # near 0 when read from the cache
 
         self.run_dir = default_run_dir(recipe, accelerator)
@@ -269,13 +270,17 @@ class Run:
             train_loader = data_lib.make_train_loader(recipe, self.tokenised["train"], collator)
             eval_loaders = {split: data_lib.make_eval_loader(recipe, self.tokenised[split], collator) for split in splits}
             trained = self.model
-        else:  # the same batches as without the cache (same lengths, same sampler), of stored vectors
+        else:  # the same batches as without the cache (same lengths, same sampler), of stored features
             lengths = [len(ids) for ids in self.tokenised["train"]["input_ids"]]
-            train_loader = data_lib.make_train_loader(recipe, self.features["train"], None, lengths)
+            train_loader = data_lib.make_train_loader(recipe, self.features["train"], self.features["train"].collate,
+                                                      lengths)
             eval_size = recipe.train.eval_batch_size or 2 * recipe.train.batch_size
-            eval_loaders = {split: DataLoader(self.features[split], batch_size=eval_size) for split in splits}
-            trained = features_lib.HeadOnFeatures(self.model)
-            log.info("training the head on cached backbone features (train.cache_features)")
+            eval_loaders = {split: DataLoader(self.features[split], batch_size=eval_size,
+                                              collate_fn=self.features[split].collate) for split in splits}
+            trained = features_lib.trainable_on_features(self.model, recipe)
+            log.info("training the %s on cached backbone features (train.cache_features)",
+                     "head" if recipe.policy.kind == "head_only" else
+                     f"layers above the {recipe.policy.freeze_layers} frozen ones")
         self.sampler = train_loader.sampler
         if recipe.train.compile:  # in place, so parameter names (checkpoints, exported files) don't change
             trained.compile(dynamic=True)

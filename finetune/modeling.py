@@ -194,11 +194,17 @@ class FinetuneForSequenceClassification(FinetunePreTrainedModel):
 
     def pooled(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         """The sequence vector the head reads, (B, H): what a frozen backbone's feature cache stores."""
-        hidden = self.encode(input_ids, attention_mask, token_type_ids)
+        return self.pool(self.encode(input_ids, attention_mask, token_type_ids), attention_mask)
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.config.pooling == "mean":
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
             return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
         return hidden[:, 0]
+
+    def from_hidden(self, hidden: torch.Tensor, attention_mask: torch.Tensor, labels=None) -> SequenceClassifierOutput:
+        """The head on the backbone's last hidden states (B, T, H) (the feature cache's upper-layers path)."""
+        return self.classify(self.pool(hidden, attention_mask), labels)
 
     def classify(self, pooled: torch.Tensor, labels=None) -> SequenceClassifierOutput:
         logits = self.classifier(pooled)  # (B, num_labels)
@@ -215,7 +221,10 @@ class FinetuneForTokenClassification(FinetunePreTrainedModel):
     """Per-token head; labels of -100 (special tokens, non-first sub-words) are ignored."""
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **kwargs):
-        logits = self.classifier(self.encode(input_ids, attention_mask, token_type_ids))  # (B, T, num_labels)
+        return self.from_hidden(self.encode(input_ids, attention_mask, token_type_ids), attention_mask, labels)
+
+    def from_hidden(self, hidden: torch.Tensor, attention_mask: torch.Tensor, labels=None) -> TokenClassifierOutput:
+        logits = self.classifier(hidden)  # (B, T, num_labels)
         loss = None
         if labels is not None:
             # mean over labelled tokens; a batch without any (empty sentences) gives 0, not NaN

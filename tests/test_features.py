@@ -84,3 +84,58 @@ def test_lora_keeps_the_usual_dropout_everywhere(tiny_backbone, sentiment_dir, t
     train_mode(run.model, run.recipe)
     dropouts = [m for m in run.model.modules() if isinstance(m, torch.nn.Dropout)]
     assert dropouts and all(m.training for m in dropouts)
+
+
+def frozen_lower(backbone, data, tmp_path, name, **train):
+    return tiny_recipe(backbone, data, tmp_path / name,
+                       policy={"kind": "freeze", "freeze_embeddings": True, "freeze_layers": 1},
+                       train={"epochs": 2, "lr": 5e-3, "eval_every": 6, **train})
+
+
+def test_cached_lower_layers_give_the_uncached_metrics_and_weights(tiny_backbone, sentiment_dir, tmp_path, cache):
+    """freeze (embeddings + first layer): the upper layer and head train on the cached hidden states after
+    layer 1 and end where training through the frozen layers ends."""
+    plain = frozen_lower(tiny_backbone, sentiment_dir, tmp_path, "plain", cache_features=False).run()
+    cached = frozen_lower(tiny_backbone, sentiment_dir, tmp_path, "cached").run()
+    assert len(list(cache.glob("*/*.safetensors"))) == 3
+    assert "layers above the 1 frozen ones on cached backbone features" in (cached.run_dir / "train.log").read_text()
+    assert cached.best_step == plain.best_step
+    for split in ("validation", "test"):
+        for metric, value in plain.metrics[split].items():
+            assert cached.metrics[split][metric] == pytest.approx(value, abs=1e-4), (split, metric)
+    trained = [load_file(str(r.run_dir / "model.safetensors")) for r in (plain, cached)]
+    assert trained[0].keys() == trained[1].keys()
+    for name, tensor in trained[0].items():
+        assert torch.allclose(tensor, trained[1][name], atol=1e-4), name
+    upper = "backbone.encoder.layer.1.output.dense.weight"
+    initial = load_file(str(tiny_backbone / "model.safetensors"))["encoder.layer.1.output.dense.weight"]
+    assert not torch.allclose(trained[1][upper], initial)  # the upper layer did train
+    # a second run (another lr) reads the stored states instead of computing them
+    again = frozen_lower(tiny_backbone, sentiment_dir, tmp_path, "again", lr=1e-3).run()
+    assert again.metrics["feature_cache_seconds"] < cached.metrics["feature_cache_seconds"]
+    assert len(list(cache.glob("*/*.safetensors"))) == 3
+
+
+def test_cached_lower_layers_for_token_classification(tiny_backbone, ner_dir, tmp_path, cache):
+    def ner(name, **train):
+        return tiny_recipe(tiny_backbone, ner_dir, tmp_path / name, task="token_classification",
+                           data={"path": str(ner_dir), "columns": {"tokens": "tokens", "tags": "ner_tags"},
+                                 "max_length": 32},
+                           policy={"kind": "freeze", "freeze_embeddings": True, "freeze_layers": 1},
+                           train={"epochs": 2, "lr": 5e-3, **train})
+    plain, cached = ner("plain", cache_features=False).run(), ner("cached").run()
+    assert len(list(cache.glob("*/*.safetensors"))) == 3
+    for metric, value in plain.metrics["test"].items():
+        assert cached.metrics["test"][metric] == pytest.approx(value, abs=1e-4), metric
+
+
+def test_the_cache_key_follows_the_frozen_depth(tiny_backbone, sentiment_dir, tmp_path, cache):
+    frozen_lower(tiny_backbone, sentiment_dir, tmp_path, "one", epochs=1).run()
+    two = frozen_lower(tiny_backbone, sentiment_dir, tmp_path, "two", epochs=1).with_overrides(
+        ["policy.freeze_layers=2"])
+    assert features.applies(two)
+    two.run()
+    assert len({p.parent for p in cache.glob("*/*.safetensors")}) == 2
+    unfrozen_embeddings = frozen_lower(tiny_backbone, sentiment_dir, tmp_path, "e").with_overrides(
+        ["policy.freeze_embeddings=false"])
+    assert not features.applies(unfrozen_embeddings)  # trained embeddings change the lower layers' output
