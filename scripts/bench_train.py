@@ -13,9 +13,12 @@ weight decay, clipping, epochs, seed and torch threads) with:
   ours_full, ours_lora, ours_head   the shipped recipes sst2_minilm_{full,lora,head}; ours_head starts
                    from an empty feature cache, and its train time includes computing the features
   ours_head_nocache  sst2_minilm_head without the feature cache (train.cache_features=false)
+  ours_freeze3, ours_freeze3_nocache   sst2_minilm_full with embeddings and the first 3 of 6 layers
+                     frozen, with and without the feature cache (hidden states after layer 3)
   ours_full_compile  sst2_minilm_full with train.compile=true (its train time includes compiling)
-  ours_full_bf16     sst2_minilm_full with bf16 autocast: another precision than the fp32 references,
-                     listed for its speed and accuracy, not in the ratios
+  trainer_grouped_bf16, ours_full_bf16   both with bf16 autocast (Trainer's bf16=True, our
+                     train.mixed_precision=bf16): another precision than the fp32 variants, compared
+                     with each other only
 
 Each variant trains in its own process (peak memory is its own); rounds alternate the order so
 machine noise shows. Reported: training wall time, samples/s, real vs processed (padded) tokens,
@@ -39,11 +42,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-VARIANTS = ["trainer", "trainer_grouped", "hand_loop", "ours_full", "ours_full_compile", "ours_full_bf16", "ours_lora",
-            "ours_head", "ours_head_nocache"]
+FREEZE3 = ["policy.kind=freeze", "policy.freeze_embeddings=true", "policy.freeze_layers=3"]
+VARIANTS = ["trainer", "trainer_grouped", "hand_loop", "ours_full", "ours_full_compile", "trainer_grouped_bf16",
+            "ours_full_bf16", "ours_lora", "ours_head", "ours_head_nocache", "ours_freeze3", "ours_freeze3_nocache"]
 RECIPES = {"ours_full": ("sst2_minilm_full", []), "ours_lora": ("sst2_minilm_lora", []),
            "ours_full_compile": ("sst2_minilm_full", ["train.compile=true"]),
            "ours_full_bf16": ("sst2_minilm_full", ["train.mixed_precision=bf16"]),
+           "ours_freeze3": ("sst2_minilm_full", FREEZE3), "ours_freeze3_nocache": ("sst2_minilm_full",
+                                                                                  FREEZE3 + ["train.cache_features=false"]),
            "ours_head": ("sst2_minilm_head", []), "ours_head_nocache": ("sst2_minilm_head", ["train.cache_features=false"])}
 
 
@@ -69,7 +75,7 @@ def _shared(args):
     return recipe.train, rows, path, AutoTokenizer.from_pretrained(path)
 
 
-def _trainer(args, grouped: bool) -> dict:
+def _trainer(args, grouped: bool, bf16: bool = False) -> dict:
     """transformers' text-classification docs: map(tokenize, truncation), DataCollatorWithPadding, Trainer."""
     import datasets
     import numpy as np
@@ -92,7 +98,7 @@ def _trainer(args, grouped: bool) -> dict:
             learning_rate=train.lr, num_train_epochs=args.epochs, weight_decay=train.weight_decay,
             warmup_steps=train.warmup_ratio, max_grad_norm=train.max_grad_norm, lr_scheduler_type="linear",
             eval_strategy="no", save_strategy="no", report_to=[], seed=args.seed, logging_steps=50, use_cpu=True,
-            dataloader_num_workers=0, disable_tqdm=True,
+            dataloader_num_workers=0, disable_tqdm=True, bf16=bf16,
             train_sampling_strategy="group_by_length" if grouped else "random")
         trainer = Trainer(model=model, args=training_args, train_dataset=data["train"], data_collator=collator,
                           processing_class=tokenizer)
@@ -209,6 +215,8 @@ def run_child(variant: str, args, out: Path) -> None:
         result = _trainer(args, grouped=False)
     elif variant == "trainer_grouped":
         result = _trainer(args, grouped=True)
+    elif variant == "trainer_grouped_bf16":
+        result = _trainer(args, grouped=True, bf16=True)
     elif variant == "hand_loop":
         result = _hand_loop(args)
     else:
@@ -254,23 +262,28 @@ def markdown(results: list[dict], info: dict, command: str, args) -> str:
                      f"{padding} | {tokens} | "
                      f"{statistics.median(r['peak_rss_mb'] for r in runs):,.0f} MB | "
                      f"{100 * statistics.median(r['test_accuracy'] for r in runs):.2f} % |")
-    for ours in [v for v in ("ours_full", "ours_full_compile") if v in by_variant]:
+    pairs = {"ours_full": ("trainer", "trainer_grouped", "hand_loop"),
+             "ours_full_compile": ("trainer", "trainer_grouped", "hand_loop"),
+             "ours_full_bf16": ("trainer_grouped_bf16",)}
+    for ours in [v for v in pairs if v in by_variant]:
         lines += ["", f"Speed ratio of {ours} to each reference, per round (same round = same machine state):", "",
                   "| reference | " + " | ".join(f"round {i + 1}" for i in range(args.rounds)) + " |",
                   "|---|" + "---|" * args.rounds]
-        for reference in ("trainer", "trainer_grouped", "hand_loop"):
+        for reference in pairs[ours]:
             if reference not in by_variant:
                 continue
             ratios = [o["samples_per_second"] / r["samples_per_second"]
                       for o, r in zip(by_variant[ours], by_variant[reference])]
             lines.append(f"| {reference} | " + " | ".join(f"{x:.2f}x" for x in ratios) + " |")
-    if "ours_head" in by_variant and "ours_head_nocache" in by_variant:
-        cached = statistics.median(r["epoch_seconds_after_first"] for r in by_variant["ours_head"])
-        plain = statistics.median(r["epoch_seconds_after_first"] for r in by_variant["ours_head_nocache"])
-        first = statistics.median(r["feature_cache_seconds"] for r in by_variant["ours_head"])
-        lines += ["", (f"Feature cache (head only): computing the features took {first:.1f} s (once per data set and "
+    for cached_variant, what in [("ours_head", "head only"), ("ours_freeze3", "embeddings + 3 of 6 layers frozen")]:
+        if cached_variant not in by_variant or f"{cached_variant}_nocache" not in by_variant:
+            continue
+        cached = statistics.median(r["epoch_seconds_after_first"] for r in by_variant[cached_variant])
+        plain = statistics.median(r["epoch_seconds_after_first"] for r in by_variant[f"{cached_variant}_nocache"])
+        first = statistics.median(r["feature_cache_seconds"] for r in by_variant[cached_variant])
+        lines += ["", (f"Feature cache ({what}): computing the features took {first:.1f} s (once per data set and "
                   f"backbone); an epoch then took {cached:.2f} s against {plain:.1f} s without the cache: "
-                  f"{plain / cached:.0f}x faster per epoch after the first.")]
+                  f"{plain / cached:.1f}x faster per epoch after the first.")]
     return "\n".join(lines) + "\n"
 
 
