@@ -254,19 +254,21 @@ class LengthGroupedSampler(Sampler[int]):
         return iter([i for batch in shuffled for i in batch])
 
 
-def make_train_loader(recipe: Recipe, train, collator, lengths: list[int] | None = None) -> DataLoader:
-    """Length-grouped, seeded batches of the training split (``lengths`` for data without input_ids)."""
+def make_train_loader(recipe: Recipe, train, collator, lengths: list[int] | None = None,
+                      pin_memory: bool = False) -> DataLoader:
+    """Length-grouped, seeded batches of the training split (``lengths`` for data without input_ids).
+    ``pin_memory`` (for a CUDA device) lets the copy to the GPU overlap compute (non-blocking)."""
     lengths = lengths or [len(ids) for ids in train["input_ids"]]
     sampler = LengthGroupedSampler(lengths, recipe.train.batch_size, recipe.train.seed, recipe.train.group_by_length)
     # A private generator: creating a loader iterator must not draw from the global RNG, or a resumed
     # run (which creates its iterator at another time) would get different dropout masks.
     return DataLoader(train, batch_size=recipe.train.batch_size, sampler=sampler, collate_fn=collator,
-                      generator=torch.Generator().manual_seed(recipe.train.seed))
+                      generator=torch.Generator().manual_seed(recipe.train.seed), pin_memory=pin_memory)
 
 
-def make_eval_loader(recipe: Recipe, split: datasets.Dataset, collator) -> DataLoader:
+def make_eval_loader(recipe: Recipe, split: datasets.Dataset, collator, pin_memory: bool = False) -> DataLoader:
     """Evaluation batches sorted by length: the order doesn't matter for metrics, padding does."""
     lengths = [len(ids) for ids in split["input_ids"]]
     by_length = sorted(range(len(split)), key=lengths.__getitem__)
     return DataLoader(split.select(by_length), batch_size=recipe.train.eval_batch_size or 2 * recipe.train.batch_size,
-                      collate_fn=collator)
+                      collate_fn=collator, pin_memory=pin_memory)

@@ -448,7 +448,8 @@ def sweep_candidates(sweep_dir: Path, top_k: int, everything: bool = False) -> l
                              else "minimize") == "maximize"
     rows = [r for r in json.loads(trials_file.read_text()) if r["state"] == "COMPLETE" and r.get("value") is not None]
     rows.sort(key=lambda r: (-r["value"] if maximize else r["value"], r["number"]))
-    kept = [r for r in rows if r.get("model") and has_model(sweep_dir / r["model"])]
+    kept = [r for r in rows if r.get("model") and has_model(sweep_dir / r["model"])
+            and r.get("duplicate_of") is None]  # a trial that reused an earlier one's result shares its model
     removed = [r["number"] for r in rows[:top_k] if r not in kept]
     chosen = kept if everything else kept[:top_k]
     if not chosen:

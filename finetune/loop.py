@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_scheduler
@@ -178,6 +178,8 @@ class Run:
         GradientState._reset_state()
         self.accelerator = accelerator = Accelerator(
             cpu=multi_process_without_accelerator(),
+            # with pinned loader memory (CUDA), batches are copied to the GPU while it computes
+            dataloader_config=DataLoaderConfiguration(non_blocking=True),
             gradient_accumulation_steps=recipe.train.gradient_accumulation_steps,
             mixed_precision=recipe.train.mixed_precision,
         )
@@ -220,7 +222,7 @@ class Run:
         self.base_model = copy.deepcopy(model, memo=shared) if keep_base else None
         self.model = apply_policy(model, recipe)
         self.trainable, self.total = count_parameters(self.model)
-        self.full_model, self.features = self.model, None  # features: head_only's cached vectors per split
+        self.full_model, self.features = self.model, None  # features: the frozen part's cached outputs per split
         started, self.feature_seconds = time.perf_counter(), 0.0
         if features_lib.applies(recipe) and features_lib.supports(self.model, recipe):
             with accelerator.main_process_first():
@@ -266,9 +268,10 @@ class Run:
 
         splits = [split for split in ("validation", "test") if split in self.tokenised]
         if self.features is None:
-            collator = self.collator
-            train_loader = data_lib.make_train_loader(recipe, self.tokenised["train"], collator)
-            eval_loaders = {split: data_lib.make_eval_loader(recipe, self.tokenised[split], collator) for split in splits}
+            collator, pin = self.collator, accelerator.device.type == "cuda"
+            train_loader = data_lib.make_train_loader(recipe, self.tokenised["train"], collator, pin_memory=pin)
+            eval_loaders = {split: data_lib.make_eval_loader(recipe, self.tokenised[split], collator, pin_memory=pin)
+                            for split in splits}
             trained = self.model
         else:  # the same batches as without the cache (same lengths, same sampler), of stored features
             lengths = [len(ids) for ids in self.tokenised["train"]["input_ids"]]

@@ -369,3 +369,29 @@ def test_tokenisation_is_cached_across_runs(tiny_backbone, sentiment_dir, tmp_pa
     raw = load_splits(other.data)
     shorter = tokenize(other, raw, AutoTokenizer.from_pretrained(tiny_backbone), label_names(other, raw))
     assert shorter["train"]._fingerprint != prints_1["train"]  # another max_length is another cache entry
+
+
+def test_the_cuda_loader_path_gives_the_same_batches_on_cpu(tiny_backbone, sentiment_dir, tmp_path):
+    """pin_memory (used on CUDA, where Accelerate copies batches non-blocking) changes where batches live,
+    never what they hold: exercised here on CPU, where pinning falls back to ordinary memory."""
+    import warnings
+
+    import torch
+
+    from finetune import data as data_lib
+    from finetune.loop import Run
+
+    run = Run(tiny_recipe(tiny_backbone, sentiment_dir, tmp_path))
+    assert run.accelerator.dataloader_config.non_blocking
+    recipe, tokenised, collator = run.recipe, run.tokenised, run.collator
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "pin_memory ... no accelerator is found"
+        loaders = [(data_lib.make_train_loader(recipe, tokenised["train"], collator, pin_memory=pin),
+                    data_lib.make_eval_loader(recipe, tokenised["validation"], collator, pin_memory=pin))
+                   for pin in (False, True)]
+        assert loaders[1][0].pin_memory and not loaders[0][0].pin_memory
+        for plain, pinned in zip(loaders[0], loaders[1]):
+            for a, b in zip(plain, pinned):
+                assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    run.open_folder(resume=False, overwrite=True)
+    assert not run.train_loader.pin_memory  # a CPU run does not pin

@@ -1,4 +1,5 @@
-"""A sweep's trials read the backbone and tokenise the data once, and report where their time went."""
+"""A sweep's trials read the backbone and tokenise the data once, never train the same settings twice,
+and report where their time went."""
 
 from __future__ import annotations
 
@@ -76,3 +77,27 @@ def test_each_trial_reports_where_its_time_went(tiny_backbone, sentiment_dir, tm
     assert "time outside training steps: median" in report
     metrics = json.loads((result.sweep_dir / "trials" / "0000" / "metrics.json").read_text())
     assert metrics["seconds"]["train"] == metrics["train_seconds"]
+
+
+def test_settings_proposed_again_reuse_the_finished_trial(tiny_backbone, sentiment_dir, tmp_path):
+    """Random search over 2 settings for 5 trials: only 2 train; the others take over a finished
+    trial's result and model, and keep_top_k counts models, not trials."""
+    recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path, train={"epochs": 1})
+    result = recipe.sweep({"train.lr": [1e-2, 1e-4]}, method="random", n_trials=5, dir=str(tmp_path / "sweep"),
+                          keep_top_k=1)
+    trials = result.trials
+    assert len(trials) == 5 and all(t["state"] == "COMPLETE" for t in trials)
+    trained = [t for t in trials if t["duplicate_of"] is None]
+    assert len(trained) == 2 and {t["overrides"] for t in trained} == {"train.lr=0.01", "train.lr=0.0001"}
+    by_number = {t["number"]: t for t in trials}
+    for trial in trials:
+        if trial["duplicate_of"] is not None:
+            original = by_number[trial["duplicate_of"]]
+            assert trial["overrides"] == original["overrides"] and trial["value"] == original["value"]
+            assert trial["model"] == original["model"] and trial["seconds"] == 0.0
+            assert not (result.sweep_dir / "trials" / f"{trial['number']:04d}").exists()  # nothing trained
+    best, other = sorted(trained, key=lambda t: t["value"], reverse=True)
+    assert (result.sweep_dir / best["model"] / "model.safetensors").is_file()
+    assert (result.sweep_dir / other["model"] / "MODEL_REMOVED.txt").is_file()
+    report = (result.sweep_dir / "report" / "report.md").read_text()
+    assert "its result, nothing trained" in report

@@ -35,7 +35,7 @@ def trial_rows(study: optuna.Study, metric: str) -> list[dict[str, Any]]:
                "overrides": " ".join(attrs.get("overrides", [])), "params": trial.params,
                "best_step": attrs.get("best_step"), "seconds": attrs.get("seconds"),
                "train_seconds": attrs.get("train_seconds"), "guided": attrs.get("guided"),
-               "time_split": attrs.get("time_split"), "parameters": attrs.get("parameters"),
+               "time_split": attrs.get("time_split"), "duplicate_of": attrs.get("duplicate_of"), "parameters": attrs.get("parameters"),
                "nonzero_parameters": attrs.get("nonzero_parameters"), "latency_ms": attrs.get("latency_ms"),
                "outside_training": (attrs.get("time_split") or {}).get("outside_training"),
                "ci95": attrs.get("ci95"), "values": attrs.get("values"), "retry_of": attrs.get("retry_of"),
@@ -113,6 +113,8 @@ def _markdown_table(rows: list[dict], metric: str) -> str:
         value = "" if r["value"] is None else f"{r['value']:.4f}" + (f" ± {r['ci95']:.4f}" if r["ci95"] else "")
         test = (r["test"] or {}).get(metric)
         note = r["error"] or (f"pruned at step {r['pruned_at_step']}" if r.get("pruned_at_step") is not None else "")
+        if r.get("duplicate_of") is not None:
+            note = f"same settings as trial {r['duplicate_of']}: its result, nothing trained"
         lines.append(f"| {r['number']} | {r['state']} | {value} | {'' if test is None else f'{test:.4f}'} | "
                      f"{r['overrides']} | {r['best_step'] or ''} | {r['seconds'] or ''} | {note.replace('|', '/')[:120]} |")
     return "\n".join(lines)
@@ -129,7 +131,8 @@ def pareto_front(points: list[tuple[float, float]], maximize: bool) -> list[int]
 
 
 def _measured(rows: list[dict]) -> list[dict]:
-    return [r for r in rows if r["state"] == "COMPLETE" and r.get("latency_ms") is not None]
+    return [r for r in rows if r["state"] == "COMPLETE" and r.get("latency_ms") is not None
+            and r.get("duplicate_of") is None]
 
 
 def pareto_plot(rows: list[dict], metric: str, maximize: bool, path: Path) -> tuple[bool, str]:

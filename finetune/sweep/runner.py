@@ -170,8 +170,21 @@ class Sweep:
         trial.set_user_attr("overrides", overrides)
         trial.set_user_attr("guided", guided)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        same = None if fixed else self._completed_with(trial.params)
+        if same is not None:  # samplers re-propose settings in small discrete spaces: don't train them twice
+            reused = {k: v for k, v in same.user_attrs.items() if k in REUSED_ATTRS}
+            self._finish(trial, TrialState.COMPLETE, value=same.value, duplicate_of=same.number, seconds=0.0, **reused)
+            log.info("trial %d: same settings as trial %d (%s); its result %.4f is reused, nothing trained",
+                     trial.number, same.number, " ".join(overrides), same.value)
+            return self._next_trial(started)
         self.trial = trial
         return {"number": trial.number, "overrides": overrides}
+
+    def _completed_with(self, params: dict) -> optuna.trial.FrozenTrial | None:
+        for done in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if done.params == params:
+                return done
+        return None
 
     # --- one trial -----------------------------------------------------------------
 
@@ -289,15 +302,17 @@ class Sweep:
         return max(complete, key=lambda t: t.value if self.direction == "maximize" else -t.value)
 
     def _keep_top_k(self) -> None:
+        """Keep the models of the best k distinct trials (a reused duplicate shares its original's folder)."""
         k = self.cfg.keep_top_k
         if k is None:
             return
         complete = sorted(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
                           key=lambda t: t.value, reverse=self.direction == "maximize")
-        for trial in complete[k:]:
-            run_dir = self.sweep_dir / trial.user_attrs.get("run_dir", f"trials/{trial.number:04d}")
-            for folder in _run_folders(run_dir):
-                _remove_model(folder, f"trial {trial.number} is not among the best {k}")
+        folders = list(dict.fromkeys(t.user_attrs.get("run_dir", f"trials/{t.number:04d}") for t in complete))
+        for run_dir in folders[k:]:
+            owner = next(t for t in complete if t.user_attrs.get("run_dir", f"trials/{t.number:04d}") == run_dir)
+            for folder in _run_folders(self.sweep_dir / run_dir):
+                _remove_model(folder, f"trial {owner.number} is not among the best {k}")
 
     def _update_best(self) -> None:
         """Point best/ at the best trial's model (hard links: no extra disk, survives keep_top_k)."""
@@ -327,6 +342,11 @@ class Sweep:
 
 
 # --- helpers --------------------------------------------------------------------------
+
+
+# what a trial with the same settings as a finished one takes over from it (its model stays where it is)
+REUSED_ATTRS = ("run_dir", "model_dir", "best_step", "test", "train_seconds", "parameters", "nonzero_parameters",
+                "latency_ms", "latency_batch_size", "values", "ci95")
 
 
 def _train(recipe: Recipe, hook):
