@@ -116,9 +116,6 @@ class HiddenSet(Dataset):
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
-    def lengths(self) -> list[int]:
-        return [b - a for a, b in zip(self.offsets, self.offsets[1:])]
-
     def __getitem__(self, index: int) -> dict:
         a, b = self.offsets[index], self.offsets[index + 1]
         return {"hidden": self.flat[a:b], "labels": self.labels[a:b] if self.per_token else self.labels[index]}

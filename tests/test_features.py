@@ -23,18 +23,25 @@ def head_only(backbone, data, tmp_path, name, **train):
                        train={"epochs": 3, "lr": 5e-2, "eval_every": 6, **train})
 
 
+def assert_same_run(plain, cached, tolerance: float) -> dict:
+    """Same best step, metrics and exported weights (the whole model, backbone included); returns the weights."""
+    assert cached.best_step == plain.best_step
+    for split in ("validation", "test"):
+        for metric, value in plain.metrics[split].items():
+            assert cached.metrics[split][metric] == pytest.approx(value, abs=tolerance), (split, metric)
+    trained = [load_file(str(r.run_dir / "model.safetensors")) for r in (plain, cached)]
+    assert trained[0].keys() == trained[1].keys()
+    for name, tensor in trained[0].items():
+        assert torch.allclose(tensor, trained[1][name], atol=tolerance), name
+    return trained[1]
+
+
 def test_cached_features_give_the_uncached_metrics_and_weights(tiny_backbone, sentiment_dir, tmp_path, cache):
     plain = head_only(tiny_backbone, sentiment_dir, tmp_path, "plain", cache_features=False).run()
     cached = head_only(tiny_backbone, sentiment_dir, tmp_path, "cached").run()
     assert len(list(cache.glob("*/*.safetensors"))) == 3  # train, validation, test
     assert "cached backbone features" in (cached.run_dir / "train.log").read_text()
-    assert cached.best_step == plain.best_step
-    for split in ("validation", "test"):
-        for metric, value in plain.metrics[split].items():
-            assert cached.metrics[split][metric] == pytest.approx(value, abs=1e-5), (split, metric)
-    trained = [load_file(str(r.run_dir / "model.safetensors")) for r in (plain, cached)]
-    for name, tensor in trained[0].items():  # the whole exported model, backbone included
-        assert torch.allclose(tensor, trained[1][name], atol=1e-5), name
+    assert_same_run(plain, cached, tolerance=1e-5)
     assert cached.metrics["validation"]["accuracy"] > 0.6  # and it learns
 
 
@@ -99,17 +106,10 @@ def test_cached_lower_layers_give_the_uncached_metrics_and_weights(tiny_backbone
     cached = frozen_lower(tiny_backbone, sentiment_dir, tmp_path, "cached").run()
     assert len(list(cache.glob("*/*.safetensors"))) == 3
     assert "layers above the 1 frozen ones on cached backbone features" in (cached.run_dir / "train.log").read_text()
-    assert cached.best_step == plain.best_step
-    for split in ("validation", "test"):
-        for metric, value in plain.metrics[split].items():
-            assert cached.metrics[split][metric] == pytest.approx(value, abs=1e-4), (split, metric)
-    trained = [load_file(str(r.run_dir / "model.safetensors")) for r in (plain, cached)]
-    assert trained[0].keys() == trained[1].keys()
-    for name, tensor in trained[0].items():
-        assert torch.allclose(tensor, trained[1][name], atol=1e-4), name
+    trained = assert_same_run(plain, cached, tolerance=1e-4)
     upper = "backbone.encoder.layer.1.output.dense.weight"
     initial = load_file(str(tiny_backbone / "model.safetensors"))["encoder.layer.1.output.dense.weight"]
-    assert not torch.allclose(trained[1][upper], initial)  # the upper layer did train
+    assert not torch.allclose(trained[upper], initial)  # the upper layer did train
     # a second run (another lr) reads the stored states instead of computing them
     again = frozen_lower(tiny_backbone, sentiment_dir, tmp_path, "again", lr=1e-3).run()
     assert again.metrics["feature_cache_seconds"] < cached.metrics["feature_cache_seconds"]
