@@ -24,9 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-
-class RecipeError(ValueError):
-    """A recipe (file, override or field) is invalid; the message names the key."""
+from finetune.errors import RecipeError  # noqa: F401  (re-exported: the name users catch)
 
 
 class Strict(BaseModel):

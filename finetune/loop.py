@@ -42,17 +42,15 @@ from finetune.processes import (
     setup_logging,
 )
 from finetune.reuse import reuse
+from finetune.publish import export_model, save_base, write_model_card
 from finetune.runs import (
     RunResult,
     atomic_write_text,
     check_same_recipe,
-    export_model,
     load_trainable,
     prepare_run_dir,
     replace_dir,
-    save_base,
     save_trainable,
-    write_model_card,
 )
 
 log = logging.getLogger("finetune")

@@ -24,7 +24,7 @@ from finetune.prune import (
     prune_heads,
     prune_run,
 )
-from finetune.runs import export_model
+from finetune.publish import export_model
 
 LAYERS, HEADS, HIDDEN = 3, 4, 32
 HEAD_PARAMS = 3 * (HIDDEN * HIDDEN // HEADS + HIDDEN // HEADS) + HIDDEN * HIDDEN // HEADS  # q/k/v rows + biases, output columns

@@ -34,13 +34,8 @@ from finetune.prune.methods import (
     prune_heads,
 )
 from finetune.prune.recovery import recover
-from finetune.runs import (
-    RunResult,
-    atomic_write_text,
-    export_model,
-    replace_dir,
-    write_model_card,
-)
+from finetune.publish import export_model, write_model_card
+from finetune.runs import RunResult, atomic_write_text, replace_dir
 
 log = logging.getLogger("finetune")
 LATENCY_REPEATS = 20
