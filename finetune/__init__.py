@@ -4,10 +4,18 @@
     result = Recipe.from_yaml("recipes/sst2_minilm_lora.yaml", overrides=["train.lr=3e-4"]).run()
 """
 
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+)
 
 from finetune.config import Recipe, RecipeError
-from finetune.modeling import FinetuneConfig, FinetuneForSequenceClassification, FinetuneForTokenClassification
+from finetune.modeling import (
+    FinetuneConfig,
+    FinetuneForSequenceClassification,
+    FinetuneForTokenClassification,
+)
 
 # Registering the architecture lets plain transformers/peft load run folders after `import finetune`.
 AutoConfig.register(FinetuneConfig.model_type, FinetuneConfig, exist_ok=True)

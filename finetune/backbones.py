@@ -3,8 +3,8 @@
 Offline resolution order for ``backbone.name``:
   1. an existing local folder;
   2. the standard Hugging Face cache (anything downloaded before);
-  3. a local mirror: ``$FINETUNE_MIRRORS`` (a YAML file ``hub-id: /path``), then the built-in
-     table below of Python packages that ship a model folder;
+  3. a local mirror: ``$FINETUNE_MIRRORS`` (a YAML file ``hub-id: /path``, shared with data sets, see
+     finetune.sources), then the built-in table below of Python packages that ship a model folder;
   4. the hub itself, when online.
 Mirrors are skipped when a ``revision`` is pinned, since a mirror has no revisions.
 """
@@ -40,16 +40,31 @@ BUILTIN_MIRRORS = {
 }
 
 
-def user_mirrors() -> dict[str, str]:
+def user_mirrors() -> dict[str, Path]:
+    """``$FINETUNE_MIRRORS``, a YAML file ``hub-id: /folder`` shared by backbones and data sets (a data set
+    with a configuration is ``id:name``). Folders may use $VARS and ~; a relative one is relative to the file.
+
+    Raises:
+        RecipeError: the file is missing, not YAML or not such a mapping (one line, naming the file).
+    """
     path = os.environ.get("FINETUNE_MIRRORS")
     if not path:
         return {}
-    if not Path(path).is_file():
+    file = Path(path).expanduser()
+    if not file.is_file():
         raise RecipeError(f"FINETUNE_MIRRORS={path}: no such file (expected a YAML mapping of hub id -> local folder)")
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(data, dict):
-        raise RecipeError(f"FINETUNE_MIRRORS={path}: expected a YAML mapping of hub id -> local folder")
-    return {str(k): str(v) for k, v in data.items()}
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise RecipeError(f"FINETUNE_MIRRORS={path}{where}: not readable YAML ({problem}); "
+                          "expected lines like 'org/name: /local/folder'") from None
+    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+        raise RecipeError(f"FINETUNE_MIRRORS={path}: expected a YAML mapping of hub id -> local folder "
+                          "(lines like 'org/name: /local/folder')")
+    return {str(k): file.parent / os.path.expanduser(os.path.expandvars(v)) for k, v in data.items()}
 
 
 def _from_hf_cache(name: str, revision: str | None) -> Path | None:
@@ -66,7 +81,7 @@ def _from_hf_cache(name: str, revision: str | None) -> Path | None:
 def _from_mirrors(name: str) -> Path | None:
     mirrors = user_mirrors()
     if name in mirrors:
-        return Path(mirrors[name]).expanduser()
+        return mirrors[name]
     package = BUILTIN_MIRRORS.get(name)
     if package:
         try:

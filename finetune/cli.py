@@ -13,13 +13,28 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import os
 import sys
+import traceback
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
-from finetune.config import RecipeError
+from finetune.errors import (
+    DataError,
+    FinetuneError,
+    Interrupted,
+    RecipeError,
+    RunFolderError,
+    file_in_traceback,
+)
+
+# exit statuses: expected errors 2 (as argparse's usage errors), the file system 1, Ctrl-C 130 (128 + SIGINT)
+EXIT_ERROR, EXIT_FILE_SYSTEM, EXIT_INTERRUPTED, EXIT_BUG = 2, 1, 130, 1
+REPORT_BUGS_TO = "the finetune issue tracker"
 
 
 def _recipes_epilog() -> str:
@@ -46,14 +61,18 @@ def train_command(args: argparse.Namespace) -> int:
     recipe = Recipe.from_yaml(recipes.recipe_path(args.recipe), overrides=overrides)
     if args.resume and not recipe.output.dir:
         raise RecipeError("--resume needs output.dir=RUN_DIR naming the run to continue")
-    main_process = os.environ.get("RANK", "0") == "0"
-    if main_process:
+    if is_main_process():
         print("# resolved recipe\n" + recipe.to_yaml(), flush=True)
     result = recipe.run(resume=args.resume, overwrite=args.overwrite or None)
-    if main_process:
+    if is_main_process():
         print(json.dumps({"run_dir": str(result.run_dir), **result.metrics}))
     end_processes()
     return 0
+
+
+def is_main_process() -> bool:
+    """Rank 0 of an ``accelerate launch`` (or a plain ``python``), known before any Accelerator exists."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def eval_command(args: argparse.Namespace) -> int:
@@ -63,31 +82,50 @@ def eval_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_input_path(path: Path) -> None:
+    """Before the model loads (seconds): the --input file exists and has a format predict reads."""
+    from finetune.data import EXTENSIONS
+
+    if not path.exists():
+        raise DataError(f"--input: {path} does not exist")
+    if not path.is_file():
+        raise DataError(f"--input: {path} is a folder; give one file")
+    if path.suffix != ".txt" and path.suffix not in EXTENSIONS:
+        raise DataError(f"--input: {path}: expected one of {', '.join(['.txt', *EXTENSIONS])}")
+
+
 def _read_inputs(path: Path, run) -> tuple[list, list | None]:
-    """A .txt file has one input per line; other files go through the recipe's column mapping."""
-    from finetune.data import read_table
+    """A .txt file has one input per line; other files go through the recipe's column mapping.
+
+    Raises:
+        DataError: an empty or header-only file, or a column the run needs is missing (named, with those present).
+    """
+    from finetune.data import read_lines, read_table
 
     cols, task = run.recipe.data.columns, run.recipe.task
-    if not path.is_file():
-        raise RecipeError(f"--input: {path} does not exist")
+    _check_input_path(path)
     if path.suffix == ".txt":
         if cols.text_pair and task != "token_classification":
-            raise RecipeError(f"--input: this run classifies text pairs; give a tsv/csv/json/jsonl file with "
-                              f"columns {cols.text!r} and {cols.text_pair!r}")
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
+            raise DataError(f"--input: this run classifies text pairs; give a tsv/csv/json/jsonl file with "
+                            f"columns {cols.text!r} and {cols.text_pair!r}")
+        lines = read_lines(path)
         return ([line.split() for line in lines] if task == "token_classification" else lines), None
-    table = read_table(path)
+    table = read_table(path, other_formats=(".txt",))
     needed = [cols.tokens] if task == "token_classification" else [cols.text] + ([cols.text_pair] if cols.text_pair else [])
     missing = [c for c in needed if c not in table.column_names]
     if missing:
-        raise RecipeError(f"--input: {path} has no column {missing[0]!r}; its columns are {table.column_names}")
+        raise DataError(f"--input: {path} has no column {missing[0]!r} (the run's data.columns); "
+                        f"its columns are {table.column_names}")
     return table[needed[0]], (table[needed[1]] if len(needed) > 1 else None)
 
 
 def predict_command(args: argparse.Namespace) -> int:
     from finetune.ensemble import Ensemble, is_ensemble
-    from finetune.predict import load_run, predict
+    from finetune.predict import check_run_folder, load_run, predict
 
+    if not is_ensemble(args.model):
+        check_run_folder(args.model)
+    _check_input_path(Path(args.input))  # both checked in a second, before the model loads
     if is_ensemble(args.model):  # an ensemble folder predicts like a run (same output lines)
         run = Ensemble.load(args.model)
         texts, pairs = _read_inputs(Path(args.input), run)
@@ -120,10 +158,11 @@ def sweep_command(args: argparse.Namespace) -> int:
     overrides += [f"sweep.study={args.study}"] if args.study else []
     recipe, cfg = load_sweep_file(recipes.recipe_path(args.recipe), overrides)
     result = run_sweep(recipe, cfg)
-    if os.environ.get("RANK", "0") == "0":
+    if is_main_process():
         print(json.dumps({"sweep_dir": str(result.sweep_dir), "best_trial": result.best_trial,
                           f"best_{result.metric}": result.best_value, "best_params": result.best_params,
-                          "best_run_dir": str(result.best_run_dir) if result.best_run_dir else None}))
+                          "best_run_dir": str(result.best_run_dir) if result.best_run_dir else None,
+                          **({"note": result.note} if result.note else {})}))
     end_processes()
     return 0
 
@@ -131,7 +170,11 @@ def sweep_command(args: argparse.Namespace) -> int:
 def sweep_report_command(args: argparse.Namespace) -> int:
     from finetune.sweep.report import report_from_dir
 
-    report_from_dir(args.sweep_dir)
+    sweep_dir = Path(args.sweep_dir)
+    if not sweep_dir.is_dir():
+        raise RunFolderError(f"sweep-report: {sweep_dir} " + ("is a file; give the sweep folder (it holds sweep.yaml)"
+                                                              if sweep_dir.exists() else "does not exist"))
+    report_from_dir(sweep_dir)
     return 0
 
 
@@ -140,9 +183,27 @@ def recipes_command(args: argparse.Namespace) -> int:
     return 0
 
 
+class UsageError(FinetuneError):
+    """A command line argparse refuses (unknown flag, missing --recipe, invalid choice)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage mistakes end like every other expected error: one line, with where to find help."""
+
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _add_debug(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS: a subcommand's default must not reset `finetune --debug train` (the funnel reads argv anyway)
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback of any error (for bug reports)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="finetune", description="Fine-tune Hugging Face backbones from recipes.",
-                                     epilog=_recipes_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="finetune", description="Fine-tune Hugging Face backbones from recipes.",
+                    epilog=_recipes_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_debug(parser)
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a recipe", epilog=_recipes_epilog(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -150,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=train_command)
     evaluate = commands.add_parser("eval", help="evaluate a finished run on a split")
     evaluate.add_argument("--model", required=True, help="run folder")
-    evaluate.add_argument("--split", default="test", choices=["validation", "test"])
+    evaluate.add_argument("--split", default="test", choices=["train", "validation", "test"])
     evaluate.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.path=DIR")
     evaluate.set_defaults(handler=eval_command)
     pred = commands.add_parser("predict", help="print labels and probabilities, one JSON line per input")
@@ -173,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
         sub.set_defaults(handler=_lazy_command(module))
         importlib.import_module(module).add_arguments(sub)
+    for sub in commands.choices.values():
+        _add_debug(sub)
     return parser
 
 
@@ -182,25 +245,99 @@ def _lazy_command(module: str):
     return handler
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+# --- the error funnel: every entry point ends here --------------------------------------------
+
+
+def _quiet_warnings() -> None:
+    """Warnings a user can't act on. peft reads transformers' deprecated `is_gradient_checkpointing` when it
+    loads a LoRA adapter (every LoRA predict, eval, prune and ensemble)."""
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning,
+                            module=r"transformers\.modeling_utils")
+
+
+def one_line(message: str) -> str:
+    """The first line, then the others joined with '; ' (a message must fit the one line a user reads)."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return "; ".join(lines)
+
+
+# errno -> what it means for the path it names
+_OS_REASONS = {
+    errno.EACCES: "permission denied", errno.EPERM: "operation not permitted", errno.ENOENT: "no such file or folder",
+    errno.ENOTDIR: "a part of this path is a file, not a folder", errno.EISDIR: "is a folder, expected a file",
+    errno.EEXIST: "already exists", errno.EROFS: "read-only file system", errno.ENOTEMPTY: "folder not empty",
+}
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def describe(err: BaseException, command: str) -> tuple[str, int] | None:
+    """The one line and exit status for an error a user can act on; None for a bug (keep its traceback)."""
+    if isinstance(err, Interrupted):  # the training loop's own line: what was kept and the command to go on
+        message = one_line(str(err))
+        return (message if message.startswith("interrupted") else f"interrupted: {message}"), EXIT_INTERRUPTED
+    if isinstance(err, FinetuneError):
+        return f"error: {one_line(str(err)) or type(err).__name__}", EXIT_ERROR
+    if isinstance(err, KeyboardInterrupt):
+        return f"interrupted: {command} stopped by Ctrl-C before it finished", EXIT_INTERRUPTED
+    if isinstance(err, OSError) and err.errno in _DISK_FULL:
+        where = f" writing {err.filename}" if err.filename else ""
+        return f"error: no space left on device{where}: free some space and run the command again", EXIT_FILE_SYSTEM
+    if isinstance(err, OSError) and err.filename:
+        path = f"{err.filename} -> {err.filename2}" if err.filename2 else str(err.filename)
+        return f"error: {path}: {_OS_REASONS.get(err.errno, err.strerror or type(err).__name__)}", EXIT_FILE_SYSTEM
+    from safetensors import SafetensorError
+
+    if isinstance(err, (SafetensorError, json.JSONDecodeError)):  # a damaged weight, config or label file
+        kind = "safetensors" if isinstance(err, SafetensorError) else "JSON"
+        file = file_in_traceback(err, (".safetensors",) if kind == "safetensors" else (".json", ".jsonl"))
+        if file:
+            return f"error: {file} is damaged, not a valid {kind} file ({one_line(str(err))})", EXIT_ERROR
+    return None
+
+
+def _run(prog: str, make_parser: Callable[[], argparse.ArgumentParser], argv: list[str] | None) -> int:
+    """Parse and run one command; expected errors become one line on stderr (only from the main process
+    of a multi-process launch: the others would repeat it), anything else keeps its traceback."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv  # read before parsing, so a usage error under --debug also raises
+    _quiet_warnings()
     try:
+        args = make_parser().parse_args(argv)  # building the parser imports torch: Ctrl-C may come that early
         return args.handler(args)
-    except RecipeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (Exception, KeyboardInterrupt) as err:
+        if debug:
+            raise
+        words = [a for a in argv if not a.startswith("-")][:1] if prog == "finetune" else []
+        command = " ".join([prog, *words])  # "finetune predict", "finetune.py"
+        described = describe(err, command)
+        if described is None:
+            traceback.print_exc()
+            print(f"bug: {command} failed with an unexpected {type(err).__name__}: this is a bug in finetune, not "
+                  f"a problem with your input; please report it to {REPORT_BUGS_TO} with the command and the "
+                  "traceback above", file=sys.stderr)
+            return EXIT_BUG
+        line, status = described
+        if is_main_process():
+            print(line, file=sys.stderr, flush=True)
+        return status
 
 
-def _standalone(prog: str, description: str, add_args, command, argv: list[str] | None) -> int:
-    """One command as its own script (scripts/finetune.py, scripts/sweep.py)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=_recipes_epilog(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_args(parser)
-    try:
-        return command(parser.parse_args(argv))
-    except RecipeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def main(argv: list[str] | None = None) -> int:
+    return _run("finetune", build_parser, argv)
+
+
+def _standalone(prog: str, description: str, add_args: Callable[[argparse.ArgumentParser], None],
+                command: Callable[[argparse.Namespace], int], argv: list[str] | None) -> int:
+    """One command as its own script (scripts/finetune.py, scripts/sweep.py), with the same error funnel."""
+    def make_parser() -> argparse.ArgumentParser:
+        parser = Parser(prog=prog, description=description, epilog=_recipes_epilog(),
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_args(parser)
+        _add_debug(parser)
+        parser.set_defaults(handler=command)
+        return parser
+
+    return _run(prog, make_parser, argv)
 
 
 def train_main(argv: list[str] | None = None) -> int:

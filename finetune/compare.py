@@ -446,7 +446,12 @@ def command(args: argparse.Namespace) -> int:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
+    from finetune.runs import check_output_folder
+
     recipe = Recipe.from_yaml(recipes.recipe_path(args.recipe), overrides=args.overrides)
+    for flag, folder in {"--output": args.output, "--runs-dir": args.runs_dir}.items():
+        if folder:
+            check_output_folder(folder, flag)  # before the first variant trains, not after
     try:
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     except ValueError:

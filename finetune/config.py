@@ -3,15 +3,17 @@
 A recipe is plain data (YAML <-> Python). Every field has a type and a one-line
 docstring; unknown keys are errors, and errors name the dotted key the user wrote
 (``train.lr``), so the same messages serve YAML files, ``key=value`` overrides and
-Python attribute assignment.
+Python attribute assignment. Each error is one line; from a file it also names the file and line.
+A key that would be ignored under the other settings (LoRA keys with kind=full) is refused too.
 """
 
 from __future__ import annotations
 
 import copy
-import difflib
+import logging
 import re
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal
 
 import yaml
@@ -20,11 +22,23 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from finetune.errors import RecipeError  # noqa: F401  (re-exported: the name users catch)
+from finetune.recipe_checks import UNUSED, describe_unused, suggest, unused_settings
+from finetune.recipe_file import Origins, read_recipe_file  # noqa: F401  (read_recipe_file: re-exported)
+
+log = logging.getLogger("finetune")
+
+# validation context of Recipe.from_dict, which checks unused settings itself (it knows the overrides)
+UNUSED_CHECKED_BY_CALLER = {"unused_settings": "checked by the caller"}
+
+
+def _caller_checks_unused(info: ValidationInfo) -> bool:
+    return isinstance(info.context, dict) and info.context.get("unused_settings") is not None
 
 
 class Strict(BaseModel):
@@ -80,11 +94,10 @@ class PolicyConfig(Strict):
 
     @model_validator(mode="after")
     def _freeze_settings_match_kind(self) -> PolicyConfig:
-        freezes = self.freeze_embeddings or self.freeze_layers > 0
-        if self.kind == "freeze" and not freezes:
+        # freeze settings under another kind are unused settings (finetune.recipe_checks.UNUSED), which an
+        # override of policy.kind (a sweep, a compare variant) may clear instead of failing
+        if self.kind == "freeze" and not (self.freeze_embeddings or self.freeze_layers > 0):
             raise ValueError("kind=freeze needs freeze_embeddings=true and/or freeze_layers > 0")
-        if self.kind != "freeze" and freezes:
-            raise ValueError(f"freeze_embeddings/freeze_layers only apply with kind=freeze, not kind={self.kind}")
         return self
 
 
@@ -104,10 +117,47 @@ class ColumnsConfig(Strict):
 class SplitsConfig(Strict):
     train: str = "train"
     """Split (file stem or hub split name) to train on."""
-    validation: str = "validation"
-    """Split used for evaluation during training and model selection."""
+    validation: str | None = "validation"
+    """Split used for evaluation during training and model selection (null with validation_from_train)."""
     test: str | None = "test"
     """Held-out split evaluated once with the best model (null to skip)."""
+    validation_from_train: int | float | None = None
+    """Carve the validation split out of the training split instead of reading one: a fraction (0.1) or a
+    number of rows (500), chosen by data.subsample_seed from each row's content, so the hub and a local
+    copy of the same rows give the same split (e.g. SST-2, whose hub test split is unlabeled)."""
+
+    @field_validator("validation_from_train", mode="before")
+    @classmethod
+    def _carve_not_bool(cls, value):
+        if isinstance(value, bool):  # YAML yes/true would otherwise read as 1 row
+            raise ValueError("expected a fraction in (0, 1) or a number of rows >= 1, not a yes/no")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _carving_replaces_validation(cls, raw: Any) -> Any:
+        # a recipe that carves validation out of train reads no validation split unless it names one
+        if isinstance(raw, dict) and raw.get("validation_from_train") is not None and "validation" not in raw:
+            return {**raw, "validation": None}
+        return raw
+
+    @model_validator(mode="after")
+    def _one_validation_source(self) -> SplitsConfig:
+        carve = self.validation_from_train
+        if carve is not None:
+            if carve <= 0 or (isinstance(carve, float) and carve >= 1):
+                raise ValueError(f"validation_from_train={carve!r}: expected a fraction in (0, 1) or a number of rows >= 1")
+            if self.validation is not None:
+                raise ValueError(f"validation={self.validation!r} and validation_from_train={carve!r} both give the "
+                                 "validation split; set validation: null to carve it from train, or drop validation_from_train")
+        elif self.validation is None:
+            raise ValueError("validation is null: name the validation split, or carve one with validation_from_train")
+        return self
+
+    def named(self) -> dict[str, str]:
+        """Role -> split name (file stem or hub split) for the splits that are read, not carved or skipped."""
+        roles = {"train": self.train, "validation": self.validation, "test": self.test}
+        return {role: name for role, name in roles.items() if name is not None}
 
 
 class DataConfig(Strict):
@@ -134,7 +184,9 @@ class DataConfig(Strict):
         if isinstance(value, list):
             if any(isinstance(v, bool) for v in value):
                 raise ValueError("label names must be text; quote yes/no/true/false, e.g. ['yes', 'no']")
-            return [str(v) if isinstance(v, (int, float)) else v for v in value]
+            # 1.0 names the class '1', as the data's integer-valued floats do (finetune.ingest.label_text)
+            return [str(int(v)) if isinstance(v, float) and v.is_integer() else str(v) if isinstance(v, (int, float))
+                    else v for v in value]
         return value
 
     @field_validator("labels")
@@ -154,6 +206,13 @@ class DataConfig(Strict):
     """Seeded random subsample of the test split."""
     subsample_seed: int = 0
     """Seed for the subsamples."""
+    on_empty_text: Literal["error", "drop"] = "error"
+    """A row whose text (or text pair, or token list) is empty, whitespace-only or missing: stop with an
+    error naming the file and line, or drop the row (drops are counted in the log, data_report.json and
+    metrics.json)."""
+    on_missing_label: Literal["error", "drop"] = "error"
+    """A row without a label (empty field, null or absent key): stop with an error naming the file and
+    line, or drop the row (counted like on_empty_text)."""
 
 
 class TrainConfig(Strict):
@@ -262,6 +321,18 @@ class PruneConfig(Strict):
             raise ValueError("method=layers needs layers_kept (the number of encoder layers to keep)")
         return self
 
+    @model_validator(mode="after")
+    def _settings_used(self, info: ValidationInfo) -> PruneConfig:
+        """Built on its own (``finetune prune`` flags): a setting the method ignores is refused here."""
+        if _caller_checks_unused(info):
+            return self
+        rules = [rule for rule in UNUSED if rule.key.startswith("prune.")]
+        found = unused_settings(SimpleNamespace(prune=self, model_fields_set={"prune"}), rules=rules,
+                                written_whole=set(PruneConfig.model_fields) <= self.model_fields_set)
+        if found:
+            raise ValueError(describe_unused(found, lambda key: ""))
+        return self
+
 
 Task = Literal["classification", "regression", "token_classification"]
 
@@ -314,30 +385,71 @@ class Recipe(Strict):
                              "cannot be unscaled); keep float32 weights with fp16 autocast, or use bfloat16")
         return self
 
+    @model_validator(mode="after")
+    def _settings_have_effect(self, info: ValidationInfo) -> Recipe:
+        """Built directly (``Recipe(...)``, section assignment): a given setting that would be ignored is refused."""
+        if not _caller_checks_unused(info):
+            found = unused_settings(self)
+            if found:
+                raise ValueError(describe_unused(found, lambda key: ""))
+        return self
+
     # --- construction ---------------------------------------------------------
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-        """Validate a plain dict, after applying dotted ``key=value`` overrides.
+    def from_dict(cls, raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (),
+                  origins: Origins | None = None) -> Recipe:
+        """Validate a plain dict, after applying dotted ``key=value`` overrides. ``origins`` (filled by
+        ``read_recipe_file``) lets errors name the file and line, and lets a recipe switch off its base's keys.
+
+        A given setting that would have no effect is refused, unless an override changed a setting that
+        decides it (``policy.kind=full`` over a LoRA recipe, a sweep's trial): then it falls back to its
+        default, with a logged warning when that changes its value, and the saved recipe shows what ran.
 
         Raises:
-            RecipeError: unknown key (with the closest known key), wrong type, or inconsistent settings.
+            RecipeError: unknown key (with the closest known key), wrong type, inconsistent settings, or a
+                setting without effect.
         """
+        return cls._validated(raw, overrides, origins or Origins())
+
+    @classmethod
+    def _validated(cls, raw: dict[str, Any], overrides: list[str] | tuple[str, ...], origins: Origins) -> Recipe:
         raw = apply_overrides(raw, overrides)
+        overridden = {parse_override(text)[0] for text in overrides}
+        recipe = cls._validate_raw(raw, origins, overridden)
+        found = unused_settings(recipe, overridden)
+        lifted = [f for f in found if f.lifted(overridden, origins)]
+        if lifted:
+            for finding in lifted:
+                _remove_key(raw, finding.rule.key)
+                if finding.value != finding.default:
+                    setting = finding.setting(origins.at(finding.rule.key, overridden))
+                    log.warning("%s has no effect with %s: it falls back to its default %s, since an override or a "
+                                "nearer recipe file chose that", setting, finding.reason, finding.default)
+            recipe = cls._validate_raw(raw, origins, overridden - {f.rule.key for f in lifted})
+        refused = [f for f in found if f not in lifted]
+        if refused:
+            raise RecipeError(describe_unused(refused, lambda key: origins.at(key, overridden)))
+        return recipe
+
+    @classmethod
+    def _validate_raw(cls, raw: dict[str, Any], origins: Origins, overridden: set[str]) -> Recipe:
         try:
-            return cls.model_validate(raw)
+            return cls.model_validate(raw, context=UNUSED_CHECKED_BY_CALLER)
         except ValidationError as err:
-            raise RecipeError(_describe(err)) from None
+            raise RecipeError(_describe(err, origins, overridden)) from None
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
         """Load a recipe file (safe YAML; ``base:`` names a recipe it extends), then apply overrides.
 
         Raises:
-            RecipeError: the file (or its base) is missing, not a YAML mapping, or invalid.
+            RecipeError: the file (or its base) is missing, not a YAML mapping, or invalid; the
+                message names the file and line of the key at fault.
         """
-        raw = read_recipe_file(path)
+        origins = Origins()
+        raw = read_recipe_file(path, origins=origins)
         raw.pop("sweep", None)  # a recipe file may carry a sweep section (see finetune.sweep)
-        return cls.from_dict(raw, overrides)
+        return cls.from_dict(raw, overrides, origins)
 
     def with_overrides(self, overrides: list[str] | tuple[str, ...]) -> Recipe:
         """A new recipe with dotted overrides applied (the same code path as command-line overrides)."""
@@ -376,40 +488,14 @@ class Recipe(Strict):
 # --- files -------------------------------------------------------------------------
 
 
-def read_recipe_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """The raw mapping of a recipe file. ``base: NAME_OR_PATH`` (a file next to this one, or a
-    shipped recipe) is read first and this file's sections are merged over it, key by key.
-
-    Raises:
-        RecipeError: a file is missing or not a mapping, or bases form a cycle.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe file not found: {path}")
-    if path.resolve() in _seen:
-        raise RecipeError(f"{path}: base recipes form a cycle ({' -> '.join(p.name for p in _seen)})")
-    raw = yaml.safe_load(path.read_text())
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: expected a YAML mapping of recipe sections, got {type(raw).__name__}")
-    base = raw.pop("base", None)
-    if base is None:
-        return raw
-    local = path.parent / str(base)
-    if not local.is_file():
-        import recipes
-
-        local = recipes.recipe_path(str(base))
-    parent = read_recipe_file(local, (*_seen, path.resolve()))
-    parent.pop("sweep", None)  # a base's own sweep doesn't carry over
-    return _merge(parent, raw)
-
-
-def _merge(base: dict, update: dict) -> dict:
-    merged = copy.deepcopy(base)
-    for key, value in update.items():
-        both_sections = isinstance(value, dict) and isinstance(merged.get(key), dict)
-        merged[key] = _merge(merged[key], value) if both_sections else value
-    return merged
+def _remove_key(raw: dict[str, Any], key: str) -> None:
+    """Delete a dotted key from a raw recipe, so its default applies."""
+    *parents, leaf = key.split(".")
+    node: Any = raw
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        node.pop(leaf, None)
 
 
 # --- dotted overrides -------------------------------------------------------------
@@ -428,11 +514,8 @@ def known_keys(model: type[BaseModel] = Recipe, prefix: str = "") -> list[str]:
 
 
 def _suggest(key: str) -> str:
-    close = difflib.get_close_matches(key, known_keys(), n=1, cutoff=0.5)
-    if not close:  # match on the last part, for typos in the section name
-        leaf = key.rsplit(".", 1)[-1]
-        close = [k for k in known_keys() if k.rsplit(".", 1)[-1] == leaf][:1]
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    hint = suggest(key, known_keys())  # by the last part and common aliases (see finetune.recipe_checks)
+    return f" (did you mean '{hint}'?)" if hint else ""
 
 
 FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -478,18 +561,24 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
     return raw
 
 
-def _describe(err: ValidationError) -> str:
-    lines = []
+def _describe(err: ValidationError, origins: Origins | None = None,
+              overridden: set[str] | frozenset[str] = frozenset()) -> str:
+    """One line: each problem with the dotted key (and, from a file, its file and line), joined by '; '."""
+    parts = []
     for item in err.errors():
         # drop pydantic's union-member and validator tags from the location, keep field names
         key = ".".join(str(p) for p in item["loc"]
                        if str(p) not in ("int", "str", "float") and not str(p).startswith(("function-", "literal[")))
+        at = (origins or Origins()).at(key, overridden)
         if item["type"] == "extra_forbidden":
-            lines.append(f"unknown recipe key '{key}'{_suggest(key)}")
-        elif item["type"] == "missing":
-            lines.append(f"{key}: required but missing")
+            parts.append(f"unknown recipe key '{key}'" + (f" at {at}" if at else "") + _suggest(key))
+            continue
+        if item["type"] == "missing":
+            problem = "required but missing"
         else:
             got = item.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"{key or 'recipe'}: {item['msg']}{shown}")
-    return "invalid recipe:\n  " + "\n  ".join(dict.fromkeys(lines))
+            problem = " ".join(item["msg"].removeprefix("Value error, ").split()) + shown
+        # "KEY: problem" first: a sweep recognises a searched key's own errors by that start
+        parts.append(f"{key or 'recipe'}: {problem}" + (f", at {at}" if at else ""))
+    return "; ".join(dict.fromkeys(parts))

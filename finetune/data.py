@@ -1,4 +1,5 @@
-"""Data: load splits through ``datasets``, check columns and labels, tokenise, batch.
+"""Data: load splits through ``datasets`` (checked by ``finetune.ingest``), check columns and labels,
+tokenise, batch.
 
 Tokenised splits are cached by ``datasets`` (keyed by data fingerprint, tokenizer and
 max_length), so repeated runs don't tokenise again.
@@ -6,16 +7,20 @@ max_length), so repeated runs don't tokenise again.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
 
 import datasets
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding
 
+from finetune import ingest
 from finetune.config import DataConfig, Recipe, RecipeError
+from finetune.errors import DataError
 
 EXTENSIONS = {".tsv": "tsv", ".csv": "csv", ".json": "json", ".jsonl": "jsonl", ".parquet": "parquet"}
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
@@ -28,27 +33,26 @@ def expand_path(path: str) -> str:
     return os.path.expanduser(os.path.expandvars(path))
 
 
-BUILDERS = {  # file format -> datasets builder and its options (TSV/CSV: keep "NA"/"null" as text)
-    "tsv": ("csv", {"delimiter": "\t", "keep_default_na": False}),
-    "csv": ("csv", {"keep_default_na": False}),
-    "json": ("json", {}), "jsonl": ("json", {}), "parquet": ("parquet", {}),
-}
-
-
-def read_table(path: Path) -> datasets.Dataset:
-    """One tsv/csv/json/jsonl/parquet file as a Dataset (e.g. inputs for ``finetune predict``)."""
+def read_table(path: Path, other_formats: tuple[str, ...] = ()) -> datasets.Dataset:
+    """One tsv/csv/json/jsonl/parquet file as a Dataset (e.g. inputs for ``finetune predict``), through
+    the same checks as split files. ``other_formats``: suffixes the caller reads itself, named in the error."""
     fmt = EXTENSIONS.get(path.suffix)
     if fmt is None:
-        raise RecipeError(f"{path}: expected one of {', '.join(EXTENSIONS)}")
-    builder, kwargs = BUILDERS[fmt]
-    return datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+        raise DataError(f"{path}: expected one of {', '.join([*other_formats, *EXTENSIONS])}")
+    return ingest.read_file(path, fmt)
+
+
+def read_lines(path: Path) -> list[str]:
+    """A .txt file's non-blank lines (one input each); invalid UTF-8 and an empty file are named errors."""
+    lines = [line for line in ingest.decode(path, path.read_bytes()).splitlines() if line.strip()]
+    if not lines:
+        raise DataError(f"{path} has no rows (no non-blank line)")
+    return lines
 
 
 def _split_files(cfg: DataConfig, root: Path) -> dict[str, tuple[str, Path]]:
     """Map each logical split to (format, file) inside a local folder."""
-    wanted = {"train": cfg.splits.train, "validation": cfg.splits.validation}
-    if cfg.splits.test:
-        wanted["test"] = cfg.splits.test
+    wanted = cfg.splits.named()  # a validation carved out of train has no file of its own
     files = {}
     for logical, stem in wanted.items():
         candidates = [root / f"{stem}{ext}" for ext in EXTENSIONS if (root / f"{stem}{ext}").is_file()]
@@ -61,63 +65,58 @@ def _split_files(cfg: DataConfig, root: Path) -> dict[str, tuple[str, Path]]:
     return files
 
 
-def _has_no_rows(file: Path, fmt: str) -> bool:
-    """True for an empty file or a csv/tsv with only a header (``datasets`` fails on those obscurely)."""
-    if fmt == "parquet":
-        return False
-    with open(file, encoding="utf-8", errors="replace") as f:
-        lines = (line for line in f if line.strip())
-        needed = 2 if fmt in ("csv", "tsv") else 1
-        return sum(1 for _, _ in zip(range(needed), lines)) < needed
-
-
 def load_splits(cfg: DataConfig) -> datasets.DatasetDict:
-    """Load train/validation(/test) as a DatasetDict keyed by those logical names."""
-    path = Path(expand_path(cfg.path))
-    if path.is_dir():
+    """Load train/validation(/test) as a DatasetDict keyed by those logical names.
+
+    Local files go through ``finetune.ingest`` (structure, then empty texts and missing labels under the
+    data.on_* policies); each split loads on its own, so a column one file lacks is not filled in from another.
+    """
+    from finetune import sources  # imports finetune.data's helpers itself
+
+    source = sources.locate(cfg)  # a local folder, a mirror, this project's copy or the hub
+    path = source.folder
+    if source.assembled:  # hub ids and carve-outs: read the source's splits, then give each role its split
+        raw = sources.load_roles(source, cfg, read_folder=load_splits)
+    elif path.is_dir():
         files = _split_files(cfg, path)
         formats = {fmt for fmt, _ in files.values()}
         if len(formats) > 1:
             raise RecipeError(f"data.path: split files in {path} mix formats {sorted(formats)}")
-        fmt = formats.pop()
-        for split, (_, file) in files.items():
-            if _has_no_rows(file, fmt):
-                raise RecipeError(f"data: split '{split}' ({file}) is empty")
-        data_files = {name: str(file) for name, (_, file) in files.items()}
-        builder, kwargs = BUILDERS[fmt]
-        raw = datasets.load_dataset(builder, data_files=data_files, **kwargs)
+        raw = datasets.DatasetDict({split: ingest.read_file(file, fmt, split) for split, (fmt, file) in files.items()})
     elif path.exists():
         raise RecipeError(f"data.path: {path} is a file; point it at the folder holding the split files")
-    elif re.fullmatch(r"[\w.-]+(/[\w.-]+)?", cfg.path):
-        try:
-            hub = datasets.load_dataset(cfg.path, cfg.name, revision=cfg.revision)
-        except Exception as err:
-            raise RecipeError(f"data.path: '{cfg.path}' is not a local folder and could not be loaded from the hub: {err}") from None
-        names = {"train": cfg.splits.train, "validation": cfg.splits.validation, "test": cfg.splits.test}
-        missing = [s for s in names.values() if s and s not in hub]
-        if missing:
-            raise RecipeError(f"data.splits: hub dataset {cfg.path} has splits {list(hub)}, not {missing}")
-        raw = datasets.DatasetDict({k: hub[v] for k, v in names.items() if v})
     else:
         raise RecipeError(f"data.path: {path} does not exist (expected a folder with split files or a hub dataset id)")
 
     for split, ds in raw.items():
         if len(ds) == 0:
-            raise RecipeError(f"data: split '{split}' ({cfg.splits.model_dump()[split]}) is empty")
+            raise DataError(f"data: split '{split}' ({cfg.splits.model_dump()[split]}) is empty")
+    raw = ingest.check_rows(cfg, raw)
     limits = {"train": cfg.max_train_samples, "validation": cfg.max_eval_samples, "test": cfg.max_test_samples}
     for split, limit in limits.items():
         if split in raw and limit and limit < len(raw[split]):
-            raw[split] = raw[split].shuffle(seed=cfg.subsample_seed).select(range(limit))
+            raw[split] = _subsample(raw[split], limit, cfg.subsample_seed)
     return raw
+
+
+def _subsample(ds: datasets.Dataset, limit: int, seed: int) -> datasets.Dataset:
+    """A seeded random subsample: the rows ``ds.shuffle(seed=seed).select(range(limit))`` picks, with
+    the indices in hand so the subsample still knows each row's file line."""
+    order = np.random.default_rng(seed).permutation(len(ds))[:limit]
+    subsample = ds.select(order)
+    origin = ingest.origin_of(ds)
+    if origin is not None:
+        ingest.remember(subsample, origin.derive(order, subsampled_from=len(ds)))
+    return subsample
 
 
 def _require_columns(raw: datasets.DatasetDict, columns: list[str]) -> None:
     for split, ds in raw.items():
         missing = [c for c in columns if c not in ds.column_names]
         if missing:
-            raise RecipeError(
-                f"data.columns: split '{split}' has no column {missing[0]!r}; its columns are {ds.column_names} "
-                "(map yours with data.columns.text / text_pair / label / tokens / tags)"
+            raise DataError(
+                f"data.columns: {ingest.source_of(ds, split)} has no column {missing[0]!r}; its columns are "
+                f"{ds.column_names} (map yours with data.columns.text / text_pair / label / tokens / tags)"
             )
 
 
@@ -125,41 +124,90 @@ def _natural_key(value: str):
     return (0, int(value), "") if re.fullmatch(r"-?\d+", value) else (1, 0, value)
 
 
+label_text = ingest.label_text
+
+
 def label_names(recipe: Recipe, raw: datasets.DatasetDict) -> list[str] | None:
     """The label set, in id order: as given, or inferred (sorted) from the training split.
 
-    Raises:
-        RecipeError: a label in any split is not in the set.
+    Checks the labels against the task first, naming the file and line: a regression target must be a
+    finite number; a class label must not be a fractional number (that is a regression target); tokens
+    must be lists with one tag per word; the training split needs two classes; every label of every
+    split must be in the set.
     """
     cols = recipe.data.columns
-    column = cols.tags if recipe.task == "token_classification" else cols.label
-    _require_columns(raw, [column])
+    token_task = recipe.task == "token_classification"
+    column = cols.tags if token_task else cols.label
+    _require_columns(raw, [column] + ([cols.tokens] if token_task else []))
+    if token_task:
+        for split, ds in raw.items():
+            ingest.require_lists(ds, split, cols.tokens, "a list of words")
+            ingest.check_tags(ds, split, cols.tokens, column)
     if recipe.task == "regression":
         for split, ds in raw.items():
-            for row, value in enumerate(ds[column]):
-                try:
-                    float(value)
-                except (TypeError, ValueError):
-                    raise RecipeError(f"data: split '{split}' row {row + 1} column '{column}' has {value!r}, "
-                                      "not a number (task=regression)") from None
+            _check_targets(ds, split, column)
         return None
 
-    def values(ds):
-        vals = ds[column]
-        return {str(t) for seq in vals for t in seq} if recipe.task == "token_classification" else {str(v) for v in vals}
-
-    names = recipe.data.labels or sorted(values(raw["train"]), key=_natural_key)
+    given = recipe.data.labels
+    distinct = {split: _distinct(ds[column][:], token_task) for split, ds in raw.items()}
+    for split, values in distinct.items():
+        fractional = [v for v in values.values() if _fractional(v) and not (given and label_text(v) in given)]
+        if fractional:
+            at = ingest.where(raw[split], split, _first_row(raw[split], column, fractional[0], token_task))
+            raise DataError(f"{at}: label {label_text(fractional[0])} in column {column!r} is not a whole number; "
+                            "classification needs class names or integer ids (for a numeric target set "
+                            "task: regression)")
+    trained = sorted(distinct.get("train", {}), key=_natural_key)
+    names = given or trained
     if len(names) < 2:
-        raise RecipeError(f"data: found {len(names)} label(s) {names}; classification needs at least 2")
+        raise DataError(f"data: found {len(names)} label(s) {names} in {ingest.source_of(raw['train'], 'train')}; "
+                        "classification needs at least 2")
+    if "train" in raw and len(trained) < 2:
+        raise DataError(f"data: {ingest.source_of(raw['train'], 'train')} has only one class {trained} in column "
+                        f"{column!r}; classification needs at least 2 in the training split")
     known = set(names)
-    for split, ds in raw.items():
-        unknown = sorted(values(ds) - known, key=_natural_key)
+    for split, values in distinct.items():
+        unknown = sorted(set(values) - known, key=_natural_key)
         if unknown:
-            raise RecipeError(
+            at = ingest.where(raw[split], split, _first_row(raw[split], column, values[unknown[0]], token_task))
+            raise DataError(
                 f"data: split '{split}' column '{column}' has label {unknown[0]!r} not in the label set {names}"
-                + (" (data.labels)" if recipe.data.labels else " (inferred from the training split)")
+                + (" (data.labels)" if given else " (inferred from the training split)") + f"; first at {at}"
             )
     return names
+
+
+def _distinct(values: list, token_task: bool) -> dict[str, object]:
+    """Each label's class name -> its first raw value."""
+    seen: dict[str, object] = {}
+    for value in (t for seq in values for t in seq) if token_task else values:
+        seen.setdefault(label_text(value), value)
+    return seen
+
+
+def _fractional(value) -> bool:
+    """A number with a fractional part (0.35 or "0.35"): a regression target, not a class."""
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d*\.\d+([eE][-+]?\d+)?\s*", value):
+        value = float(value)
+    return isinstance(value, float) and math.isfinite(value) and not value.is_integer()
+
+
+def _first_row(ds: datasets.Dataset, column: str, value, token_task: bool) -> int:
+    values = ds[column][:]
+    return next(row for row, v in enumerate(values) if (value in v if token_task else v == value))
+
+
+def _check_targets(ds: datasets.Dataset, split: str, column: str) -> None:
+    """Regression targets: numbers, and finite ones (a NaN target makes every loss NaN)."""
+    for row, value in enumerate(ds[column][:]):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise DataError(f"data: {ingest.where(ds, split, row)}: column '{column}' has {value!r}, "
+                            "not a number (task=regression)") from None
+        if not math.isfinite(number):
+            raise DataError(f"data: {ingest.where(ds, split, row)}: column '{column}' has {value!r}; regression "
+                            "targets must be finite numbers")
 
 
 def tokenize(recipe: Recipe, raw: datasets.DatasetDict, tokenizer, labels: list[str] | None) -> datasets.DatasetDict:
@@ -167,7 +215,8 @@ def tokenize(recipe: Recipe, raw: datasets.DatasetDict, tokenizer, labels: list[
     cfg = recipe.data
     limit = tokenizer.model_max_length if tokenizer.model_max_length < 1_000_000 else None
     if limit is not None and cfg.max_length > limit:
-        raise RecipeError(f"data.max_length={cfg.max_length} exceeds the backbone's limit of {limit} tokens")
+        raise RecipeError(f"data.max_length={cfg.max_length} exceeds the tokenizer's model_max_length of {limit} tokens "
+                          "(the backbone's limit, or for a finished run the length it was trained with)")
     cols = cfg.columns
     if recipe.task == "token_classification":
         _require_columns(raw, [cols.tokens, cols.tags])
@@ -181,7 +230,7 @@ def tokenize(recipe: Recipe, raw: datasets.DatasetDict, tokenizer, labels: list[
             for i, tags in enumerate(batch[cols.tags]):
                 previous, aligned = None, []
                 for word in enc.word_ids(i):  # label the first sub-word of each word only
-                    aligned.append(-100 if word is None or word == previous else label_id[str(tags[word])])
+                    aligned.append(-100 if word is None or word == previous else label_id[label_text(tags[word])])
                     previous = word
                 enc["labels"].append(aligned)
             return enc
@@ -195,7 +244,7 @@ def tokenize(recipe: Recipe, raw: datasets.DatasetDict, tokenizer, labels: list[
             if label_id is None:
                 enc["labels"] = [float(v) for v in batch[cols.label]]
             else:
-                enc["labels"] = [label_id[str(v)] for v in batch[cols.label]]
+                enc["labels"] = [label_id[label_text(v)] for v in batch[cols.label]]
             return enc
 
     out = datasets.DatasetDict()

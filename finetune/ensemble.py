@@ -197,8 +197,10 @@ def load_eval_data(recipe: Recipe, labels: list[str] | None) -> dict[str, Split]
     from finetune import data as data_lib
 
     recipe = recipe.model_copy(deep=True)
-    # The train split isn't used; pointing it at validation spares reading a large training file.
-    recipe.data.splits.train = recipe.data.splits.validation
+    # The train split isn't used; pointing it at validation spares reading a large training file
+    # (unless validation is carved out of train, which needs train read).
+    if recipe.data.splits.validation is not None:
+        recipe.data.splits.train = recipe.data.splits.validation
     if labels:
         recipe.data.labels = labels
     raw = data_lib.load_splits(recipe.data)
@@ -208,7 +210,7 @@ def load_eval_data(recipe: Recipe, labels: list[str] | None) -> dict[str, Split]
     for split in ("validation", "test"):
         if split in raw:
             ds = raw[split]
-            gold = [labels.index(str(v)) for v in ds[cols.label]] if labels else [float(v) for v in ds[cols.label]]
+            gold = [labels.index(data_lib.label_text(v)) for v in ds[cols.label]] if labels else [float(v) for v in ds[cols.label]]
             splits[split] = Split(list(ds[cols.text]), list(ds[cols.text_pair]) if cols.text_pair else None, gold)
     return splits
 
@@ -502,11 +504,17 @@ def command(args: argparse.Namespace) -> int:
         raise RecipeError("--greedy sets the weights itself (times each member is picked); use --combine mean or vote")
     if args.from_sweep:
         sweep_dir = Path(args.from_sweep)
+        if not sweep_dir.is_dir():
+            raise RecipeError(f"--from-sweep: {sweep_dir} " + ("is a file; give the sweep folder (it holds sweep.yaml)"
+                                                               if sweep_dir.exists() else "does not exist"))
         chosen = sweep_candidates(sweep_dir, args.top_k or 3, everything=args.greedy)
         paths, names, default_name = [p for p, _ in chosen], [n for _, n in chosen], sweep_dir.resolve().name
     else:
         paths, names, default_name = [Path(m) for m in models], None, "ensemble"
     output = Path(args.output or Path("ensembles") / f"{default_name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    from finetune.runs import check_output_folder
+
+    check_output_folder(output, "--output")
     _check_output(output, args.overwrite)  # before the slow part; the old ensemble goes only once the new one is ready
     members = load_members(paths, names, "--from-sweep" if args.from_sweep else "--models")
     recipe = members[0].run.recipe.with_overrides(overrides)

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import shutil
 import time
 from collections.abc import Callable
@@ -28,9 +29,11 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_scheduler
 
 from finetune import data as data_lib
+from finetune import data_report as data_report_lib
 from finetune import features as features_lib
 from finetune.backbones import build_model, default_pooling, resolve_backbone
 from finetune.config import Recipe, RecipeError
+from finetune.errors import Interrupted, RunFolderError, TrainingDiverged
 from finetune.metrics import BINARY_ONLY, MetricSuite, greater_is_better
 from finetune.policies import apply_policy, count_parameters
 from finetune.processes import (
@@ -40,24 +43,29 @@ from finetune.processes import (
     on_main_process,
     set_trackers,
     setup_logging,
+    write_to_log_file,
 )
+from finetune.publish import export_model, save_base, split_rows, write_model_card
 from finetune.reuse import reuse
-from finetune.publish import export_model, save_base, write_model_card
 from finetune.runs import (
+    DATA_FINGERPRINT,
     RunResult,
     atomic_write_text,
+    check_checkpoint_files,
+    check_same_data,
     check_same_recipe,
+    checkpoint_step,
+    data_fingerprint,
+    folder_errors,
+    kept,
     load_trainable,
-    prepare_run_dir,
+    open_run_dir,
     replace_dir,
     save_trainable,
+    train_command,
 )
 
 log = logging.getLogger("finetune")
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 @dataclass
@@ -83,14 +91,30 @@ class TrainState:
 def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool | None = None) -> RunResult:
     """Train a recipe end to end; see ``Recipe.run``.
 
+    ``overwrite=None`` takes ``output.overwrite`` from the recipe, except when resuming.
+
     Raises:
         RecipeError: invalid data, labels, backbone, policy or run folder (before anything is written).
+        RunFolderError: the run folder is locked, holds files finetune did not write, can't be written or
+            resumed (changed data, damaged checkpoint).
         TrainingDiverged: the loss became NaN/inf (the last good checkpoint is kept).
+        Interrupted: Ctrl-C (what was kept and the command to go on are in the message).
     """
+    if resume and overwrite:
+        raise RunFolderError("--resume and --overwrite contradict each other: --resume continues the run in "
+                             "output.dir, --overwrite replaces it; pass one of them")
     run = Run(recipe)
-    run.open_folder(resume=resume, overwrite=recipe.output.overwrite if overwrite is None else overwrite)
-    run.train()
-    return after_training(run.finish(), recipe)
+    try:
+        with folder_errors(run.run_dir):
+            run.open_folder(resume=resume, overwrite=bool(not resume and recipe.output.overwrite
+                                                          if overwrite is None else overwrite))
+            run.train()
+            result = run.finish()
+            return after_training(result, recipe)
+    except KeyboardInterrupt:
+        raise run.interrupted() from None
+    finally:
+        run.close()
 
 
 def after_training(result: RunResult, recipe: Recipe) -> RunResult:
@@ -183,6 +207,12 @@ class Run:
         )
         set_seed(recipe.train.seed)
         setup_logging(accelerator, quiet)
+        self.notes: list[str] = []  # fallbacks, logged once the run folder's log is open
+        if recipe.train.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+            # Accelerate turns fp16 autocast off on CPU and trains in fp32: record what actually runs
+            recipe.train.mixed_precision = "no"
+            self.notes.append("train.mixed_precision=fp16 has no effect on CPU (Accelerate trains in fp32 there): "
+                              "training in fp32, saved as mixed_precision: no in recipe.yaml; bf16 works on CPU")
         if accelerator.device.type == "cpu":
             # `accelerate launch` sets OMP_NUM_THREADS=1 even for one process, which halves CPU speed
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -199,14 +229,20 @@ class Run:
             self.metrics.load()  # an unknown metric fails now, not at the first evaluation
         except ValueError as err:
             raise RecipeError(f"eval.metrics: {err}") from None
+        data_key = json.dumps(recipe.data.model_dump(mode="json"))
+        # the data files as they are read now, recorded in the run folder and checked by --resume
+        self.data_fingerprint = (reuse(("data-fingerprint", data_key), lambda: data_fingerprint(recipe.data))
+                                 if accelerator.is_main_process else None)
         with accelerator.main_process_first():  # the main process tokenises, the others read its cache
-            raw = reuse(("data", json.dumps(recipe.data.model_dump(mode="json"))),
-                        lambda: data_lib.load_splits(recipe.data))
+            raw = reuse(("data", data_key), lambda: data_lib.load_splits(recipe.data))
             self.labels = data_lib.label_names(recipe, raw)
             # the same data, tokeniser and max_length give the same tokens: a sweep tokenises once
             key = ("tokens", id(raw), str(self.backbone_path), recipe.backbone.revision, recipe.task,
                    tuple(self.labels or ()))
             self.tokenised = reuse(key, lambda: data_lib.tokenize(recipe, raw, self.tokenizer, self.labels))
+            self.data_report = reuse(("data-report",) + key,
+                                     lambda: data_report_lib.data_report(recipe, raw, self.tokenised, self.tokenizer))
+        self.split_rows = split_rows(raw)  # what the model card says each score was computed on
         binary = sorted(BINARY_ONLY & set(recipe.eval.metrics))
         if binary and len(self.labels or []) != 2:
             raise RecipeError(f"eval.metrics: {binary} score the positive class of a binary task, but there are "
@@ -234,6 +270,7 @@ class Run:
         self.last_dir = self.run_dir / "checkpoints" / "last"
         self.best_path = self.last_dir / "best.safetensors"  # committed together with the state it belongs to
         self.best_changed = False
+        self.lock, self.finished = None, False  # the run folder's lock (main process), held from open_folder to close
         set_trackers(accelerator, recipe, self.run_dir)
         self.state, self.history = TrainState(num_processes=accelerator.num_processes), []
         self.real_tokens = torch.zeros((), dtype=torch.long, device=accelerator.device)  # added to state at checkpoints
@@ -241,26 +278,43 @@ class Run:
     # --- setting up ---------------------------------------------------------------------
 
     def open_folder(self, resume: bool, overwrite: bool) -> None:
-        """Create (or reopen, or replace) the run folder, then prepare model, data and optimizer."""
+        """Create (or reopen, or replace) the run folder and lock it, then prepare model, data and optimizer."""
         recipe, accelerator, run_dir = self.recipe, self.accelerator, self.run_dir
 
-        def create() -> None:
-            prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
-            if resume:
-                check_same_recipe(run_dir, recipe)
-            atomic_write_text(run_dir / "recipe.yaml", recipe.to_yaml())
-            (run_dir / "checkpoints").mkdir(exist_ok=True)
-            if self.base_model is not None and not (run_dir / "base").is_dir():
-                save_base(self.base_model, run_dir)
+        def create() -> tuple[str, bool]:
+            with folder_errors(run_dir):  # one line naming the path, on every process
+                self.lock, found = open_run_dir(run_dir, resume=resume, overwrite=overwrite)
+                data_checked = found == "resume" and check_same_data(run_dir, self.data_fingerprint)
+                if found == "resume":  # every check before the first write: a refused resume changes nothing
+                    check_same_recipe(run_dir, recipe)
+                    check_checkpoint_files(self.last_dir)
+                else:
+                    atomic_write_text(run_dir / DATA_FINGERPRINT, json.dumps(self.data_fingerprint, indent=2))
+                atomic_write_text(run_dir / "data_report.json", json.dumps(self.data_report, indent=2))
+                if not (run_dir / "recipe.yaml").is_file() or (run_dir / "recipe.yaml").read_text() != recipe.to_yaml():
+                    atomic_write_text(run_dir / "recipe.yaml", recipe.to_yaml())
+                (run_dir / "checkpoints").mkdir(exist_ok=True)
+                if self.base_model is not None and not (run_dir / "base").is_dir():
+                    save_base(self.base_model, run_dir)
+            return found, data_checked
 
-        on_main_process(accelerator, create)
+        found, data_checked = on_main_process(accelerator, create)
+        resuming = found == "resume"
         self.base_model = None
         log_to_file(accelerator, run_dir)
+        if found == "restart":
+            log.info("%s held a run that stopped before its first checkpoint: starting it afresh%s", run_dir,
+                     " (--resume: nothing to resume)" if resume else "")
+        elif resuming and not data_checked:
+            log.warning("%s has no %s (an older run): the data files could not be checked against the ones it "
+                        "started with", run_dir, DATA_FINGERPRINT)
+        for note in self.notes:
+            log.warning(note)
         log.info("run folder %s (%d process%s, device %s, %d threads)", run_dir, accelerator.num_processes,
                  "es" if accelerator.num_processes > 1 else "", accelerator.device, torch.get_num_threads())
         log.info("backbone %s from %s (%s, pooling %s)", recipe.backbone.name, self.backbone_path,
                  "pretrained" if recipe.backbone.pretrained else "random init", recipe.head.pooling)
-        log.info("data: %s", ", ".join(f"{split} {len(ds):,} rows" for split, ds in self.tokenised.items()))
+        data_report_lib.log_report(self.data_report)  # per split: rows, drops, labels, lengths, truncated share
         log.info("policy %s: %s trainable of %s parameters (%.2f%%)", recipe.policy.kind, f"{self.trainable:,}",
                  f"{self.total:,}", 100 * self.trainable / self.total)
 
@@ -300,13 +354,18 @@ class Run:
             self.optimizer, num_warmup_steps=int(cfg.warmup_ratio * self.total_steps), num_training_steps=self.total_steps,
         )
         accelerator.register_for_checkpointing(self.scheduler)
-        if resume:
+        if resuming:
             self._restore()
         accelerator.init_trackers(recipe.name, config={k: str(v) for k, v in recipe.to_dict()["train"].items()})
         self.setup_seconds = time.perf_counter() - self.started
 
     def _restore(self) -> None:
-        self.accelerator.load_state(str(self.last_dir))
+        try:
+            self.accelerator.load_state(str(self.last_dir))
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:  # torch.load on a damaged file
+            reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+            raise RunFolderError(f"--resume: the checkpoint in {self.last_dir} can't be read ({reason}); start "
+                                 f"again with {train_command(self.run_dir, '--overwrite')}") from None
         self.state = TrainState(**json.loads((self.last_dir / "train_state.json").read_text()))
         if self.state.num_processes != self.accelerator.num_processes:
             raise RecipeError(f"--resume: the run was trained on {self.state.num_processes} process(es), not "
@@ -388,9 +447,14 @@ class Run:
         if self.accelerator.num_processes > 1:  # all processes must stop together
             finite = self.accelerator.reduce(finite, reduction="mean")
         if finite.item() < 1:
-            kept = (f"The last good checkpoint is kept in {self.last_dir}." if self.last_dir.is_dir()
-                    else "No checkpoint had been written yet.")
-            raise TrainingDiverged(f"loss is {loss.item()} at step {self.state.global_step + 1}; training stopped. {kept}")
+            lower = f"train.lr={self.recipe.train.lr / 10:g}"
+            retry = train_command(self.run_dir, *(["--overwrite"] if self.last_dir.is_dir() else []), lower)
+            targets = " (or look for NaN/inf targets in the data)" if self.recipe.task == "regression" else ""
+            message = (f"loss is {loss.item()} at step {self.state.global_step + 1}: training stopped; kept: "
+                       f"{kept(self.run_dir)}; retry with a lower learning rate{targets}: {retry}")
+            if self.accelerator.is_main_process:
+                write_to_log_file(message)
+            raise TrainingDiverged(message)
 
     def validate(self) -> bool:
         """Evaluate on validation, keep the best, checkpoint; True when early stopping says stop."""
@@ -480,16 +544,19 @@ class Run:
                      seconds={"setup": round(self.setup_seconds, 2), "train": round(state.train_seconds, 2),
                               "evaluate": round(state.eval_seconds, 2),
                               "checkpoint": round(state.checkpoint_seconds, 2),
-                              "test": round(time.perf_counter() - test_started, 2)})
+                              "test": round(time.perf_counter() - test_started, 2)},
+                     data=data_report_lib.metrics_summary(self.data_report))
         if accelerator.is_main_process:
-            export_model(model, self.tokenizer, self.labels, self.run_dir, recipe.output.merge_lora)
+            export_model(model, self.tokenizer, self.labels, self.run_dir, recipe.output.merge_lora,
+                         max_length=recipe.data.max_length)
             atomic_write_text(self.run_dir / "metrics.json", json.dumps(final, indent=2))
-            write_model_card(recipe, self.run_dir, final, self.trainable, self.total)
+            write_model_card(recipe, self.run_dir, final, self.trainable, self.total, rows=self.split_rows)
         log.info("best step %d | validation %s%s", state.best_step,
                  "  ".join(f"{k} {v:.4f}" for k, v in final["validation"].items()),
                  (" | test " + "  ".join(f"{k} {v:.4f}" for k, v in final["test"].items())) if "test" in final else "")
         accelerator.wait_for_everyone()
         self.end_trackers()
+        self.finished = True
         return RunResult(run_dir=self.run_dir, metrics=final, best_step=state.best_step,
                          best_checkpoint=self.best_path, history=self.history)
 
@@ -498,6 +565,27 @@ class Run:
         later runs in the same processes (a sweep's trials) still need; see ``end_processes``."""
         for tracker in self.accelerator.trackers:
             tracker.finish()
+
+    def close(self) -> None:
+        """Release the run folder's lock (the folder stays as it is)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def interrupted(self) -> Interrupted:
+        """Ctrl-C in one line (also in train.log): where it stopped, what was kept, the command to go on."""
+        run_dir, where = self.run_dir, f"at step {self.state.global_step}"
+        if self.finished:  # training and export were done, pruning (after_training) was not
+            message = f"interrupted (Ctrl-C) after training; kept: the trained model in {run_dir}"
+        elif checkpoint_step(run_dir) is not None:
+            message = (f"interrupted (Ctrl-C) {where}; kept: {kept(run_dir)}; resume with: "
+                       f"{train_command(run_dir, '--resume')}")
+        else:
+            message = (f"interrupted (Ctrl-C) {where}, before the first checkpoint: nothing to resume; the same "
+                       f"command starts again, e.g. {train_command(run_dir)}")
+        if self.accelerator.is_main_process:
+            write_to_log_file(message)
+        return Interrupted(message)
 
 
 def train_mode(model: torch.nn.Module, recipe: Recipe) -> None:

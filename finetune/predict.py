@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from finetune.config import Recipe, RecipeError
+from finetune.errors import RunFolderError
 
 
 @dataclass
@@ -19,19 +22,64 @@ class LoadedRun:
     labels: list[str] | None
 
 
+def check_run_folder(run_dir: str | Path, flag: str = "--model") -> Recipe:
+    """The recipe of a finished run folder, read before any model loads (a typo fails in a second).
+
+    Raises:
+        RunFolderError: the folder is missing or a file, or lacks the recipe, labels or model a finished run has.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunFolderError(f"{flag}: {run_dir} " + ("is a file, not a run folder" if run_dir.exists() else "does not exist"))
+    if (run_dir / "MODEL_REMOVED.txt").exists():
+        raise RunFolderError(f"{flag}: {run_dir} had its model removed by its sweep (see {run_dir / 'MODEL_REMOVED.txt'})")
+    missing = [name for name in ("recipe.yaml", "label_map.json") if not (run_dir / name).is_file()]
+    if not any(run_dir.glob("*.safetensors")) and not (run_dir / "pytorch_model.bin").is_file():
+        missing.append("model weights (*.safetensors)")
+    if missing:
+        unfinished = (run_dir / "checkpoints").is_dir() and (run_dir / "recipe.yaml").is_file()
+        raise RunFolderError(f"{flag}: {run_dir} is not a finished run folder: no {', '.join(missing)}"
+                             + ("; training did not finish (continue it with finetune train --resume)" if unfinished else ""))
+    with _reading(run_dir / "recipe.yaml"):
+        return Recipe.from_yaml(run_dir / "recipe.yaml")
+
+
+@contextmanager
+def _reading(file: Path) -> Iterator[None]:
+    """A damaged file of a run folder (truncated weights, broken JSON) is named instead of a parser's traceback."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        from finetune.errors import file_in_traceback
+
+        damaged = file_in_traceback(err, (".safetensors", ".json", ".yaml")) or file  # e.g. tokenizer_config.json
+        raise RunFolderError(f"{damaged} is damaged ({type(err).__name__}: {str(err).splitlines()[0]}); "
+                             "restore the run folder or train it again") from None
+    except OSError as err:
+        if err.filename:  # permission denied and the like: the command line names the path itself
+            raise
+        # transformers says "config file at ... is not a valid JSON file" and the like as a bare OSError
+        raise RunFolderError(f"{file.parent}: {str(err).splitlines()[0]}") from None
+
+
 def load_run(run_dir: str | Path) -> LoadedRun:
     """Load a run folder's best model (plain, adapter or merged) with its tokenizer and recipe.
 
     Raises:
-        RecipeError: the folder is not a finished run.
+        RunFolderError: the folder is not a finished run, or one of its files is damaged (named).
     """
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoModelForTokenClassification,
+        AutoTokenizer,
+    )
+
     import finetune  # noqa: F401  registers the architecture with the Auto classes
-    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
 
     run_dir = Path(run_dir)
-    if not (run_dir / "recipe.yaml").is_file() or not (run_dir / "label_map.json").is_file():
-        raise RecipeError(f"--model: {run_dir} is not a finished run folder (no recipe.yaml / label_map.json)")
-    recipe = Recipe.from_yaml(run_dir / "recipe.yaml")
+    recipe = check_run_folder(run_dir)
     token_task = recipe.task == "token_classification"
     auto_class = AutoModelForTokenClassification if token_task else AutoModelForSequenceClassification
     if (run_dir / "adapter_config.json").is_file():
@@ -39,13 +87,19 @@ def load_run(run_dir: str | Path) -> LoadedRun:
 
         # the base named in adapter_config.json is an absolute path; load the one beside the adapter,
         # so a run folder still loads after it was moved or copied
-        base = auto_class.from_pretrained(str(run_dir / "base"))
-        model = PeftModel.from_pretrained(base, str(run_dir)).eval()
+        with _reading(run_dir / "base"):
+            base = auto_class.from_pretrained(str(run_dir / "base"))
+        with _reading(run_dir / "adapter_model.safetensors"):
+            model = PeftModel.from_pretrained(base, str(run_dir)).eval()
     else:
-        model = auto_class.from_pretrained(str(run_dir)).eval()
-    label_map = json.loads((run_dir / "label_map.json").read_text())
+        with _reading(run_dir / "model.safetensors"):
+            model = auto_class.from_pretrained(str(run_dir)).eval()
+    with _reading(run_dir / "label_map.json"):
+        label_map = json.loads((run_dir / "label_map.json").read_text())
     labels = [label_map[str(i)] for i in range(len(label_map))] or None
-    return LoadedRun(model, AutoTokenizer.from_pretrained(str(run_dir)), recipe, labels)
+    with _reading(run_dir / "tokenizer.json"):
+        tokenizer = AutoTokenizer.from_pretrained(str(run_dir))
+    return LoadedRun(model, tokenizer, recipe, labels)
 
 
 @torch.no_grad()
@@ -94,6 +148,10 @@ def evaluate_run(run_dir: str | Path, split: str = "test", overrides: list[str] 
     from finetune.loop import evaluate
     from finetune.metrics import MetricSuite
 
+    planned = check_run_folder(run_dir).with_overrides(overrides)
+    if split == "test" and not planned.data.splits.test:  # before the model and data load
+        raise RecipeError("--split test: the run's recipe has no test split (data.splits.test is null); use "
+                          "--split validation, or name a test file with data.splits.test=STEM")
     run = load_run(run_dir)
     recipe = run.recipe.with_overrides(overrides)
     if run.labels:

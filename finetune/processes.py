@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.tracking import filter_trackers
 from accelerate.utils import broadcast_object_list
 
+from finetune import errors
 from finetune.config import Recipe, RecipeError
 
+T = TypeVar("T")
 log = logging.getLogger("finetune")
 LOG_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
 
@@ -37,6 +41,14 @@ def log_to_file(accelerator: Accelerator, run_dir: Path) -> None:
         handler = logging.FileHandler(run_dir / "train.log")
         handler.setFormatter(LOG_FORMAT)
         log.addHandler(handler)
+
+
+def write_to_log_file(message: str, level: int = logging.ERROR) -> None:
+    """A line for train.log only: the command line prints an expected error itself, once."""
+    record = log.makeRecord(log.name, level, __file__, 0, message, None, None)
+    for handler in log.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def default_run_dir(recipe: Recipe, accelerator: Accelerator) -> Path:
@@ -71,20 +83,25 @@ def multi_process_without_accelerator() -> bool:
     return several and not torch.cuda.is_available() and not (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
-def on_main_process(accelerator: Accelerator, action) -> None:
-    """Run a file-system action on the main process; if it fails, every process raises the error."""
-    error = [None]
+def on_main_process(accelerator: Accelerator, action: Callable[[], T]) -> T:
+    """Run a file-system action on the main process and hand its result to every process; if it
+    fails, every process raises the error (an expected one as the same class and message)."""
+    outcome: list = [None, None]  # [result, (error class name, message)]
     if accelerator.is_main_process:
         try:
-            action()
+            outcome[0] = action()
         except Exception as err:
             if accelerator.num_processes == 1:
                 raise
-            error[0] = (isinstance(err, RecipeError), f"{type(err).__name__}: {err}")
-    broadcast_object_list(error)  # without this, the other processes would wait forever
-    if error[0]:
-        is_recipe_error, message = error[0]
-        raise (RecipeError if is_recipe_error else RuntimeError)(message)
+            expected = isinstance(err, errors.FinetuneError) and hasattr(errors, type(err).__name__)
+            outcome[1] = ((type(err).__name__, str(err)) if expected
+                          else ("RuntimeError", f"{type(err).__name__}: {err}"))
+    if accelerator.num_processes > 1:
+        broadcast_object_list(outcome)  # without this, the other processes would wait forever
+    if outcome[1]:
+        name, message = outcome[1]
+        raise getattr(errors, name, RuntimeError)(message)
+    return outcome[0]
 
 
 def end_processes() -> None:

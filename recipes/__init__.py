@@ -10,6 +10,7 @@ Each function takes optional dotted overrides: ``sst2_minilm_lora("train.epochs=
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
 from finetune.config import Recipe, RecipeError
@@ -26,6 +27,15 @@ def available() -> dict[str, str]:
     return found
 
 
+def shipped_path(name: str) -> Path | None:
+    """The shipped recipe called ``name`` (``sst2_minilm_lora`` or ``sst2_minilm_lora.yaml``), or None."""
+    stem = name.removesuffix(".yaml")
+    if not stem or Path(stem).name != stem:  # a plain name, never a path out of this folder
+        return None
+    path = RECIPES_DIR / f"{stem}.yaml"
+    return path if path.is_file() else None
+
+
 def recipe_path(name_or_path: str) -> Path:
     """A recipe file path, or the path of the shipped recipe with that name.
 
@@ -35,10 +45,15 @@ def recipe_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
-    shipped = RECIPES_DIR / f"{name_or_path}.yaml"
-    if shipped.is_file():
+    shipped = shipped_path(name_or_path)
+    if shipped is not None:
         return shipped
-    raise RecipeError(f"--recipe: {name_or_path!r} is neither a file nor a shipped recipe ({', '.join(available())})")
+    if path.is_dir():
+        raise RecipeError(f"--recipe: {name_or_path} is a folder; name a recipe .yaml file or a shipped recipe")
+    close = difflib.get_close_matches(path.name.removesuffix(".yaml"), list(available()), n=1, cutoff=0.6)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise RecipeError(f"--recipe: {name_or_path!r} is neither a file nor a shipped recipe{hint}; "
+                      f"shipped: {', '.join(available())}")
 
 
 def load(name: str, *overrides: str) -> Recipe:

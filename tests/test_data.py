@@ -166,7 +166,7 @@ def test_empty_split_is_an_error(sentiment_dir, tmp_path):
     folder = tmp_path / "data"
     shutil.copytree(sentiment_dir, folder)
     write_tsv(folder / "validation.tsv", ["sentence", "label"], [])
-    with pytest.raises(RecipeError, match=r"split 'validation'.*empty"):
+    with pytest.raises(RecipeError, match=r"split 'validation' .*validation\.tsv\) has no rows \(only a header line\)"):
         load_splits(recipe_for(folder, tmp_path).data)
 
 
@@ -189,15 +189,19 @@ def test_max_train_samples_is_a_seeded_subsample(sentiment_dir, tmp_path):
 
 
 def test_tsv_quoting_and_na_strings(tmp_path):
-    """TSV fields with doubled quotes or quoted tabs are read intact; NA/null/empty stay strings."""
+    """TSV fields with doubled quotes or quoted tabs are read intact; NA/null stay strings; an empty
+    text is an error by default, and dropped (and counted) with data.on_empty_text: drop."""
     folder = tmp_path / "data"
     folder.mkdir()
     text = 'sentence\tlabel\n"she said ""hi"" twice"\tpos\n"a\ttab inside"\tneg\nNA\tpos\nnull\tneg\n\tpos\n'
     for split in ("train", "validation", "test"):
         (folder / f"{split}.tsv").write_text(text)
-    raw = load_splits(recipe_for(folder, tmp_path).data)
-    assert raw["train"]["sentence"] == ['she said "hi" twice', "a\ttab inside", "NA", "null", ""]
-    assert raw["test"]["label"] == ["pos", "neg", "pos", "neg", "pos"]
+    with pytest.raises(RecipeError, match=r"train\.tsv line 6: empty or whitespace-only text in column 'sentence'"):
+        load_splits(recipe_for(folder, tmp_path).data)
+    raw = load_splits(recipe_for(folder, tmp_path, data={"path": str(folder), "columns": {"text": "sentence"},
+                                                          "on_empty_text": "drop"}).data)
+    assert raw["train"]["sentence"][:] == ['she said "hi" twice', "a\ttab inside", "NA", "null"]
+    assert raw["test"]["label"][:] == ["pos", "neg", "pos", "neg"]
 
 
 def test_null_label_stays_a_label(tmp_path):
@@ -241,7 +245,7 @@ def test_missing_column_lists_available_columns(tokenizer, tmp_path):
 def test_max_length_above_tokenizer_limit(tokenizer, tmp_path):
     """data.max_length beyond what the backbone supports is refused."""
     recipe = recipe_for("d", tmp_path, data={"path": "d", "columns": {"text": "sentence"}, "max_length": 512})
-    with pytest.raises(RecipeError, match=rf"max_length=512 exceeds .*limit of {tokenizer.model_max_length}"):
+    with pytest.raises(RecipeError, match=rf"max_length=512 exceeds .*model_max_length of {tokenizer.model_max_length}"):
         tokenize(recipe, splits(train={"sentence": ["a"], "label": ["x"]}), tokenizer, ["x", "y"])
 
 
@@ -343,7 +347,7 @@ def test_regression_target_must_be_numeric(tmp_path):
     """A non-numeric regression target is named with its split, row and column."""
     recipe = recipe_for("d", tmp_path, task="regression", eval={"metrics": ["pearson"], "primary": "pearson"})
     raw = splits(train={"sentence": ["a", "b"], "label": ["1.5", "high"]})
-    with pytest.raises(RecipeError, match=r"split 'train' row 2 column 'label' has 'high', not a number"):
+    with pytest.raises(RecipeError, match=r"split 'train' row 2: column 'label' has 'high', not a number"):
         label_names(recipe, raw)
 
 

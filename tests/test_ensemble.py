@@ -294,5 +294,5 @@ def test_real_minilm_ensemble_of_a_probe_and_a_lora_run(tmp_path):
     merged = Ensemble(lora_member, [1.0], "mean", lora_member[0].run.recipe).predict(sentences)
     adapter = predict(load_run(lora.run_dir), sentences)  # peft, not merged
     for ours, theirs in zip(merged, adapter):
-        assert ours["probabilities"]["1"] == pytest.approx(theirs["probabilities"]["1"], abs=1e-4)
+        assert ours["probabilities"]["positive"] == pytest.approx(theirs["probabilities"]["positive"], abs=1e-4)
     assert len(Ensemble.load(out).predict(sentences)) == 2

@@ -5,9 +5,9 @@ import torch
 from conftest import tiny_recipe
 from transformers import AutoTokenizer
 
+from finetune.backbones import build_model
 from finetune.config import RecipeError
 from finetune.data import label_names, load_splits, make_collator, tokenize
-from finetune.backbones import build_model
 from finetune.loop import make_optimizer
 from finetune.policies import apply_policy, count_parameters
 

@@ -55,10 +55,12 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
             flag = FLAGS.get(field, "--method")
             shown = f" (got {item['input']!r})" if field else ""
             lines.append(f"{flag}: {item['msg'].removeprefix('Value error, ')}{shown}")
-        raise RecipeError("\n  ".join(lines)) from None
+        raise RecipeError("; ".join(lines)) from None  # one line: the command line prints one
 
 
 def command(args: argparse.Namespace) -> int:
+    from finetune.runs import check_output_folder
+
     cfg = config_from_args(args)
     if not log.handlers:  # the training loop sets up logging; a bare command gets plain console lines
         handler = logging.StreamHandler()
@@ -67,6 +69,8 @@ def command(args: argparse.Namespace) -> int:
         log.setLevel(logging.INFO)
         log.propagate = False
     output = Path(args.output) if args.output else Path(args.model) / f"pruned-{cfg.method}"
+    if args.output:  # the default lies inside the run, which prune_run checks first
+        check_output_folder(output, "--output")  # before scoring and pruning, not after
     report = prune_run(args.model, cfg, output, args.overrides, overwrite=args.overwrite)
     print(report_table(report))
     print(json.dumps({"pruned_run": str(output), "report": str(output / "prune_report.json")}))

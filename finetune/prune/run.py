@@ -158,7 +158,7 @@ def prune_run(run_dir: str | Path, cfg: PruneConfig, output: str | Path, overrid
     if tmp.exists():
         shutil.rmtree(tmp)  # left by an interrupted prune
     tmp.mkdir(parents=True)
-    export_model(model, run.tokenizer, run.labels, tmp, merge_lora=False)
+    export_model(model, run.tokenizer, run.labels, tmp, merge_lora=False, max_length=recipe.data.max_length)
     after = {**measure(model, bench, tmp, latency_repeats), **after_metrics}
     report = {"source": str(run_dir), "output": str(output), "config": cfg.model_dump(mode="json"),
               "lora_merged": merged, "details": details, "recovery": recovery,
@@ -183,9 +183,7 @@ def save_run_files(folder: Path, recipe: Recipe, output: Path, cfg: PruneConfig,
     table = report_table(report)
     atomic_write_text(folder / "prune_report.md", table)
     total = parameter_counts(model)["total"]
-    write_model_card(recipe, folder, metrics, total, total)
-    with open(folder / "README.md", "a") as card:
-        card.write("\n## Pruning\n\n" + table)
+    write_model_card(recipe, folder, metrics, total, total, extra="## Pruning\n\n" + table)
 
 
 def report_table(report: dict) -> str:

@@ -32,6 +32,7 @@ from finetune.config import (
     parse_value,
     read_recipe_file,
 )
+from finetune.recipe_file import Origins
 
 Method = Literal["grid", "random", "bayes", "gp"]
 
@@ -190,13 +191,14 @@ def load_sweep_file(path: str | Path, overrides: list[str] | tuple[str, ...] = (
     Raises:
         RecipeError: missing file or section, invalid recipe, invalid sweep.
     """
-    raw = read_recipe_file(path)
+    origins = Origins()  # where each key was set, for errors naming file and line
+    raw = read_recipe_file(path, origins=origins)
     if "sweep" not in raw:
         raise RecipeError(f"{path}: has no 'sweep:' section to run")
     sweep_raw = raw.pop("sweep")
     recipe_overrides = [o for o in overrides if not o.strip().startswith("sweep.")]
     sweep_overrides = [o.strip()[len("sweep."):] for o in overrides if o.strip().startswith("sweep.")]
-    recipe = Recipe.from_dict(raw, recipe_overrides)
+    recipe = Recipe.from_dict(raw, recipe_overrides, origins)
     return recipe, parse_sweep(sweep_raw, sweep_overrides)
 
 
@@ -245,4 +247,4 @@ def _describe_sweep(err: ValidationError) -> str:
             got = item.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
             lines.append(f"sweep{'.' + key if key else ''}: {item['msg'].removeprefix('Value error, ')}{shown}")
-    return "invalid sweep section:\n  " + "\n  ".join(dict.fromkeys(lines))
+    return "; ".join(dict.fromkeys(lines))

@@ -35,7 +35,7 @@ def trial_rows(study: optuna.Study, metric: str) -> list[dict[str, Any]]:
                "overrides": " ".join(attrs.get("overrides", [])), "params": trial.params,
                "best_step": attrs.get("best_step"), "seconds": attrs.get("seconds"),
                "train_seconds": attrs.get("train_seconds"), "guided": attrs.get("guided"),
-               "time_split": attrs.get("time_split"), "duplicate_of": attrs.get("duplicate_of"), "parameters": attrs.get("parameters"),
+               "time_split": attrs.get("time_split"), "folder": attrs.get("folder"), "duplicate_of": attrs.get("duplicate_of"), "parameters": attrs.get("parameters"),
                "nonzero_parameters": attrs.get("nonzero_parameters"), "latency_ms": attrs.get("latency_ms"),
                "outside_training": (attrs.get("time_split") or {}).get("outside_training"),
                "ci95": attrs.get("ci95"), "values": attrs.get("values"), "retry_of": attrs.get("retry_of"),
@@ -63,7 +63,7 @@ def write_report(study: optuna.Study, sweep_dir: Path, cfg: SweepConfig, metric:
     maximize = study.direction.name == "MAXIMIZE"
     plots["pareto"] = pareto_plot(rows, metric, maximize, out / "pareto.png")
     table = _markdown_table(rows, metric) + pareto_table(rows, metric, maximize)
-    summary = _summary(study, cfg, metric, rows)
+    summary = _summary(study, cfg, metric, rows, sweep_dir)
     (out / "report.md").write_text(f"# Sweep {study.study_name}\n\n{summary}\n\n{table}\n\n## Plots\n\n"
                                    + "\n".join((f"- {name}: [{name}.png]({name}.png)" if name == "pareto" else
                                                 f"- {name}: [{name}.png]({name}.png), [{name}.html]({name}.html)")
@@ -73,7 +73,7 @@ def write_report(study: optuna.Study, sweep_dir: Path, cfg: SweepConfig, metric:
     return rows
 
 
-def _summary(study: optuna.Study, cfg: SweepConfig, metric: str, rows: list[dict]) -> str:
+def _summary(study: optuna.Study, cfg: SweepConfig, metric: str, rows: list[dict], sweep_dir: Path) -> str:
     counts = {state: sum(r["state"] == state for r in rows) for state in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}
     lines = [f"{cfg.method} search, {study.direction.name.lower()} validation {metric}; "
              + ", ".join(f"{n} {state.lower()}" for state, n in counts.items() if n)]
@@ -87,9 +87,23 @@ def _summary(study: optuna.Study, cfg: SweepConfig, metric: str, rows: list[dict
         test = (best["test"] or {}).get(metric)
         lines.append(f"best: trial {best['number']} {metric} {best['value']:.4f}"
                      + (f" (test {test:.4f})" if test is not None else "")
-                     + f" with {best['overrides'] or 'the base recipe'}; model in best/")
+                     + f" with {best['overrides'] or 'the base recipe'}; {_where_best_is(best, sweep_dir, metric)}")
     lines += _time_summary(complete)
     return "\n".join(lines)
+
+
+def _where_best_is(best: dict, sweep_dir: Path, metric: str) -> str:
+    """Whether best/ here holds the study's best trial; with several workers it may have run elsewhere."""
+    try:
+        held = json.loads((sweep_dir / "best" / "sweep_trial.json").read_text())
+    except (OSError, ValueError):
+        held = None
+    if held is not None and held.get("trial") in (best["number"], best.get("duplicate_of")):
+        return "model in best/"
+    where = f"it ran in another sweep folder ({best.get('folder') or 'another worker'}): its model is there, not here"
+    if held is None:
+        return f"{where}; this folder holds no finished trial's model"
+    return f"{where}; best/ here holds trial {held['trial']} ({metric} {held['value']:.4f})"
 
 
 def _time_summary(complete: list[dict]) -> list[str]:

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import shutil
 import socket
 import statistics
@@ -39,10 +40,11 @@ from accelerate.utils import broadcast_object_list
 from optuna.trial import TrialState
 
 from finetune.config import Recipe, RecipeError
+from finetune.errors import Interrupted
 from finetune.loop import Run, after_training
 from finetune.processes import multi_process_without_accelerator
 from finetune.reuse import reuse, sharing
-from finetune.runs import replace_dir
+from finetune.runs import folder_errors, replace_dir
 from finetune.sweep import study as studies
 from finetune.sweep.config import SweepConfig
 from finetune.sweep.space import format_override, suggest, to_overrides
@@ -65,7 +67,13 @@ class SweepResult:
     best_params: list[str] = field(default_factory=list)
     """The best trial's overrides, e.g. ['train.lr=0.0003', 'policy.lora.rank=16']."""
     best_run_dir: Path | None = None
-    """``<sweep_dir>/best``: the best trial's run folder."""
+    """``<sweep_dir>/best``: the best trial's run folder; None when that trial ran in another worker's
+    sweep folder (see ``note``)."""
+    here_trial: int | None = None
+    """The trial whose model ``<sweep_dir>/best`` holds: the best one this sweep folder ran."""
+    here_value: float | None = None
+    note: str | None = None
+    """Set when the study's best trial ran elsewhere: where it ran, and what best/ here holds instead."""
 
     @property
     def best_recipe(self) -> Recipe | None:
@@ -92,6 +100,8 @@ class Sweep:
         _check_values(recipe, cfg)
         self.sweep_dir = Path(cfg.dir or recipe.output.dir or Path("sweeps") / recipe.name)
         self.study_name = cfg.study or recipe.name
+        # trials record where their folders are: workers on other machines keep theirs in their own sweep folders
+        self.folder_id = f"{socket.gethostname()}:{self.sweep_dir.resolve()}"
         # the process group, for broadcasting trials; each trial's Run builds its own Accelerator on it
         self.state = PartialState(cpu=multi_process_without_accelerator())
         self.study: optuna.Study | None = None
@@ -123,7 +133,10 @@ class Sweep:
         with studies.sweep_lock(self.sweep_dir):
             self._update_best()
         rows = write_report(self.study, self.sweep_dir, self.cfg, self.metric)
-        return self._result(rows)
+        result = self._result(rows)
+        if result.note:
+            log.warning(result.note)
+        return result
 
     def _open(self) -> None:
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -170,6 +183,7 @@ class Sweep:
         trial.set_user_attr("overrides", overrides)
         trial.set_user_attr("guided", guided)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        trial.set_user_attr("folder", self.folder_id)
         same = None if fixed else self._completed_with(trial.params)
         if same is not None:  # samplers re-propose settings in small discrete spaces: don't train them twice
             reused = {k: v for k, v in same.user_attrs.items() if k in REUSED_ATTRS}
@@ -210,7 +224,9 @@ class Sweep:
                 self._finish(trial, TrialState.FAIL, error="interrupted (Ctrl-C)")
                 self.study.enqueue_trial(trial.params, user_attrs={"slot": trial.user_attrs.get("slot"),
                                                                    "retry_of": trial.number}, skip_if_exists=False)
-            raise
+            raise Interrupted(f"sweep interrupted (Ctrl-C) during trial {number}; kept: the finished trials (the study "
+                              f"has them) and trial {number}'s slot, queued again; go on with: finetune sweep --recipe "
+                              f"{shlex.quote(str(self.sweep_dir / 'sweep.yaml'))}") from None
         except Exception as err:  # noqa: BLE001 - NaN, a bad combination, out of memory: record and go on
             state, error = TrialState.FAIL, f"{type(err).__name__}: {err}"
         finally:
@@ -306,7 +322,8 @@ class Sweep:
         k = self.cfg.keep_top_k
         if k is None:
             return
-        complete = sorted(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
+        complete = sorted((t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                           if self._ran_here(t)),  # this folder's disk: other workers' trials are theirs
                           key=lambda t: t.value, reverse=self.direction == "maximize")
         folders = list(dict.fromkeys(t.user_attrs.get("run_dir", f"trials/{t.number:04d}") for t in complete))
         for run_dir in folders[k:]:
@@ -314,30 +331,63 @@ class Sweep:
             for folder in _run_folders(self.sweep_dir / run_dir):
                 _remove_model(folder, f"trial {owner.number} is not among the best {k}")
 
+    def _ran_here(self, trial: optuna.trial.FrozenTrial) -> bool:
+        """The trial's folder is in this sweep folder (trials of older sweeps don't say: look for it)."""
+        folder = trial.user_attrs.get("folder")
+        if folder is not None:
+            return folder == self.folder_id
+        return "model_dir" in trial.user_attrs and (self.sweep_dir / trial.user_attrs["model_dir"]).is_dir()
+
+    def _model_here(self, trial: optuna.trial.FrozenTrial) -> bool:
+        model = self.sweep_dir / trial.user_attrs.get("model_dir", "-")
+        return (self._ran_here(trial) and (model / "recipe.yaml").is_file()
+                and not (model / "MODEL_REMOVED.txt").exists())
+
+    def _held_by_best(self) -> dict | None:
+        """What best/ holds: {"trial", "value", "overrides"} of this study, or None."""
+        with contextlib.suppress(OSError, ValueError):
+            held = json.loads((self.sweep_dir / "best" / "sweep_trial.json").read_text())
+            if held.get("study", self.study_name) == self.study_name:
+                return held
+        return None
+
     def _update_best(self) -> None:
-        """Point best/ at the best trial's model (hard links: no extra disk, survives keep_top_k)."""
-        best = self._best_so_far()
-        target = self.sweep_dir / "best"
-        marker = target / "sweep_trial.json"
-        if best is None or (marker.is_file() and json.loads(marker.read_text())["trial"] == best.number):
+        """Point best/ at the best model this folder holds (hard links: no extra disk, survives keep_top_k).
+        A trial that ran in another worker's sweep folder never counts: its model is there, not here."""
+        here = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if self._model_here(t)]
+        if not here:
             return
-        source = self.sweep_dir / best.user_attrs["model_dir"]
-        if not (source / "recipe.yaml").is_file():
+        best = max(here, key=lambda t: t.value if self.direction == "maximize" else -t.value)
+        held = self._held_by_best()
+        if held is not None and held["trial"] == best.number:
             return
         tmp = self.sweep_dir / ".best.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(source, tmp, copy_function=_link_or_copy)
-        (tmp / "sweep_trial.json").write_text(json.dumps({"trial": best.number, "value": best.value,
+        # the marker is written, not linked: writing through a hard link would change the trial's own copy
+        shutil.copytree(self.sweep_dir / best.user_attrs["model_dir"], tmp, copy_function=_link_or_copy,
+                        ignore=shutil.ignore_patterns(".lock", "sweep_trial.json"))
+        (tmp / "sweep_trial.json").write_text(json.dumps({"study": self.study_name, "trial": best.number,
+                                                          "value": best.value,
                                                           "overrides": best.user_attrs.get("overrides", [])}))
-        replace_dir(tmp, target)
+        replace_dir(tmp, self.sweep_dir / "best")
 
     def _result(self, rows: list[dict]) -> SweepResult:
         result = SweepResult(self.sweep_dir, self.study_name, self.metric, self.direction, trials=rows)
-        best = self._best_so_far()
-        if best is not None:
-            result.best_trial, result.best_value = best.number, best.value
-            result.best_params = best.user_attrs.get("overrides", [])
+        best, held = self._best_so_far(), self._held_by_best()
+        if held is not None:
+            result.here_trial, result.here_value = held["trial"], held["value"]
+        if best is None:
+            return result
+        result.best_trial, result.best_value = best.number, best.value
+        result.best_params = best.user_attrs.get("overrides", [])
+        if held is not None and (held["trial"] == best.number or self._model_here(best)):
             result.best_run_dir = self.sweep_dir / "best"
+            return result
+        where = best.user_attrs.get("folder") or best.user_attrs.get("worker") or "another worker"
+        instead = (f"best/ here holds trial {held['trial']} ({self.metric} {held['value']:.4f}), the best this folder "
+                   "ran" if held is not None else "this folder holds no finished trial's model")
+        result.note = (f"the study's best trial {best.number} ({self.metric} {best.value:.4f}) ran in another sweep "
+                       f"folder ({where}): its model is there, not here; {instead}")
         return result
 
 
@@ -345,20 +395,23 @@ class Sweep:
 
 
 # what a trial with the same settings as a finished one takes over from it (its model stays where it is)
-REUSED_ATTRS = ("run_dir", "model_dir", "best_step", "test", "train_seconds", "parameters", "nonzero_parameters",
+REUSED_ATTRS = ("run_dir", "model_dir", "folder",
+                "best_step", "test", "train_seconds", "parameters", "nonzero_parameters",
                 "latency_ms", "latency_batch_size", "values", "ci95")
 
 
 def _train(recipe: Recipe, hook):
     run = Run(recipe, on_validation=hook, quiet=True)  # the sweep prints one line per trial
     try:
-        run.open_folder(resume=False, overwrite=True)
-        run.train()
-        return after_training(run.finish(), recipe)
+        with folder_errors(run.run_dir):
+            run.open_folder(resume=False, overwrite=True)
+            run.train()
+            return after_training(run.finish(), recipe)
     except BaseException:
         run.end_trackers()
         raise
     finally:
+        run.close()  # the trial folder's lock
         run.accelerator.free_memory()  # Accelerate keeps references to the prepared model and optimizer
 
 
@@ -412,7 +465,7 @@ def _check_values(recipe: Recipe, cfg: SweepConfig) -> None:
             try:
                 recipe.with_overrides(overrides)
             except RecipeError as err:
-                if any(line.strip().startswith(tuple(f"{k}:" for k in keys)) for line in str(err).splitlines()):
+                if any(line.strip().startswith(tuple(f"{k}:" for k in keys)) for line in str(err).split("; ")):
                     raise RecipeError(f"sweep.parameters.{key}: {' '.join(overrides)} is not a valid setting: "
                                       f"{err}") from None
 
