@@ -65,7 +65,16 @@ def _split_files(cfg: DataConfig, root: Path) -> dict[str, tuple[str, Path]]:
     return files
 
 
-def load_splits(cfg: DataConfig) -> datasets.DatasetDict:
+def _refuse_unread_splits(cfg: DataConfig, root: Path) -> None:
+    """A test file in the user's folder that no role reads (e.g. a shipped recipe that scores on the hub's
+    validation split, run on a folder of one's own) would be left out in silence; ``test: null`` skips it."""
+    found = [root / f"test{ext}" for ext in EXTENSIONS if (root / f"test{ext}").is_file()]
+    if found and cfg.splits.test is not None and "test" not in cfg.splits.named().values():
+        raise DataError(f"data.splits: {found[0]} is read by no split (the recipe reads {cfg.splits.named()}); "
+                        "name it (data.splits.test=test), skip it (data.splits.test=null) or move it out")
+
+
+def load_splits(cfg: DataConfig, whole_folder: bool = True) -> datasets.DatasetDict:
     """Load train/validation(/test) as a DatasetDict keyed by those logical names.
 
     Local files go through ``finetune.ingest`` (structure, then empty texts and missing labels under the
@@ -75,8 +84,10 @@ def load_splits(cfg: DataConfig) -> datasets.DatasetDict:
 
     source = sources.locate(cfg)  # a local folder, a mirror, this project's copy or the hub
     path = source.folder
+    if whole_folder and source.copy is None and path is not None and path.is_dir():
+        _refuse_unread_splits(cfg, path)
     if source.assembled:  # hub ids and carve-outs: read the source's splits, then give each role its split
-        raw = sources.load_roles(source, cfg, read_folder=load_splits)
+        raw = sources.load_roles(source, cfg, read_folder=lambda plain: load_splits(plain, whole_folder=False))
     elif path.is_dir():
         files = _split_files(cfg, path)
         formats = {fmt for fmt, _ in files.values()}
@@ -151,6 +162,11 @@ def label_names(recipe: Recipe, raw: datasets.DatasetDict) -> list[str] | None:
     given = recipe.data.labels
     distinct = {split: _distinct(ds[column][:], token_task) for split, ds in raw.items()}
     for split, values in distinct.items():
+        not_finite = [v for v in values.values() if isinstance(v, float) and not math.isfinite(v)]
+        if not_finite:  # NaN in a JSON/parquet label column is a missing label, not a class named 'nan'
+            at = ingest.where(raw[split], split, _first_row(raw[split], column, not_finite[0], token_task))
+            raise DataError(f"{at}: label {not_finite[0]} in column {column!r} is missing; give every row a label "
+                            "(or drop such rows with data.on_missing_label: drop)")
         fractional = [v for v in values.values() if _fractional(v) and not (given and label_text(v) in given)]
         if fractional:
             at = ingest.where(raw[split], split, _first_row(raw[split], column, fractional[0], token_task))
@@ -174,6 +190,14 @@ def label_names(recipe: Recipe, raw: datasets.DatasetDict) -> list[str] | None:
                 f"data: split '{split}' column '{column}' has label {unknown[0]!r} not in the label set {names}"
                 + (" (data.labels)" if given else " (inferred from the training split)") + f"; first at {at}"
             )
+    if "train" in raw:  # a class the model never saw in training can't be predicted: its scores would mislead
+        for split, values in distinct.items():
+            unseen = sorted(set(values) - set(trained), key=_natural_key)
+            if unseen:
+                at = ingest.where(raw[split], split, _first_row(raw[split], column, values[unseen[0]], token_task))
+                raise DataError(f"{at}: label {unseen[0]!r} never appears in the training split "
+                                f"{ingest.source_of(raw['train'], 'train')}; the model cannot learn it (add training "
+                                "rows with it, or remove it from this split)")
     return names
 
 
@@ -193,8 +217,9 @@ def _fractional(value) -> bool:
 
 
 def _first_row(ds: datasets.Dataset, column: str, value, token_task: bool) -> int:
-    values = ds[column][:]
-    return next(row for row, v in enumerate(values) if (value in v if token_task else v == value))
+    values, name = ds[column][:], label_text(value)  # by class name: NaN != NaN
+    return next(row for row, v in enumerate(values)
+                if (name in map(label_text, v) if token_task else label_text(v) == name))
 
 
 def _check_targets(ds: datasets.Dataset, split: str, column: str) -> None:

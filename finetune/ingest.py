@@ -54,14 +54,18 @@ class Origin:
     subsampled_from: int | None = None
     is_file: bool = True
     """False for a hub split or an in-memory data set (``source`` then names the split)."""
+    row_sources: list[str] | None = None
+    """Rows joined from several files (``join``): each row's file; ``source`` then names them all."""
 
     def where(self, row: int) -> str:
-        return f"{self.source} {self.unit} {self.positions[row]}"
+        source = self.row_sources[row] if self.row_sources else self.source
+        return f"{source} {self.unit} {self.positions[row]}"
 
     def derive(self, kept: list[int] | np.ndarray, **changes) -> Origin:
         """The origin of ``ds.select(kept)``."""
+        row_sources = [self.row_sources[i] for i in kept] if self.row_sources else None
         return dataclasses.replace(self, positions=[self.positions[i] for i in kept], dropped=dict(self.dropped),
-                                   **changes)
+                                   row_sources=row_sources, **changes)
 
 
 _origins: weakref.WeakKeyDictionary[datasets.Dataset, Origin] = weakref.WeakKeyDictionary()
@@ -74,6 +78,23 @@ def remember(ds: datasets.Dataset, origin: Origin) -> datasets.Dataset:
 
 def origin_of(ds: datasets.Dataset) -> Origin | None:
     return _origins.get(ds)
+
+
+def join(parts: list[datasets.Dataset]) -> datasets.Dataset:
+    """Splits read from several files as one (e.g. a hub train split kept here as train + validation files),
+    each row still naming its file and line, and the drops of every part counted."""
+    rows = datasets.concatenate_datasets(parts)
+    origins = [origin_of(part) for part in parts]
+    if any(origin is None for origin in origins):
+        return rows
+    dropped: dict[str, int] = {}
+    for origin in origins:
+        for reason, count in origin.dropped.items():
+            dropped[reason] = dropped.get(reason, 0) + count
+    return remember(rows, Origin(" + ".join(o.source for o in origins), [p for o in origins for p in o.positions],
+                                 origins[0].unit, sum(o.rows_read for o in origins), dropped,
+                                 is_file=all(o.is_file for o in origins),
+                                 row_sources=[o.source for o in origins for _ in o.positions]))
 
 
 def where(ds: datasets.Dataset, split: str, row: int) -> str:

@@ -288,11 +288,12 @@ class Run:
                 if found == "resume":  # every check before the first write: a refused resume changes nothing
                     check_same_recipe(run_dir, recipe)
                     check_checkpoint_files(self.last_dir)
-                else:
-                    atomic_write_text(run_dir / DATA_FINGERPRINT, json.dumps(self.data_fingerprint, indent=2))
-                atomic_write_text(run_dir / "data_report.json", json.dumps(self.data_report, indent=2))
+                # recipe.yaml first: a folder that has it is a started run, which the same command restarts
                 if not (run_dir / "recipe.yaml").is_file() or (run_dir / "recipe.yaml").read_text() != recipe.to_yaml():
                     atomic_write_text(run_dir / "recipe.yaml", recipe.to_yaml())
+                if found != "resume":
+                    atomic_write_text(run_dir / DATA_FINGERPRINT, json.dumps(self.data_fingerprint, indent=2))
+                atomic_write_text(run_dir / "data_report.json", json.dumps(self.data_report, indent=2))
                 (run_dir / "checkpoints").mkdir(exist_ok=True)
                 if self.base_model is not None and not (run_dir / "base").is_dir():
                     save_base(self.base_model, run_dir)
@@ -451,7 +452,8 @@ class Run:
             retry = train_command(self.run_dir, *(["--overwrite"] if self.last_dir.is_dir() else []), lower)
             targets = " (or look for NaN/inf targets in the data)" if self.recipe.task == "regression" else ""
             message = (f"loss is {loss.item()} at step {self.state.global_step + 1}: training stopped; kept: "
-                       f"{kept(self.run_dir)}; retry with a lower learning rate{targets}: {retry}")
+                       f"{kept(self.run_dir)}; retry with a lower learning rate{targets}"
+                       f"{' (this replaces the run and its checkpoint)' if self.last_dir.is_dir() else ''}: {retry}")
             if self.accelerator.is_main_process:
                 write_to_log_file(message)
             raise TrainingDiverged(message)

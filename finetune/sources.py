@@ -202,7 +202,7 @@ def _read_files(source: Source, cfg: DataConfig, read_folder: Callable[[DataConf
     for split, stems in source.copy.splits.items():
         if all(s in by_stem for s in stems):
             parts = [by_stem[s] for s in stems]
-            rows = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+            rows = parts[0] if len(parts) == 1 else ingest.join(parts)
             if source.copy.renames:
                 rows = _same_rows(rows.rename_columns(
                     {a: b for a, b in source.copy.renames.items() if a in rows.column_names}), rows)

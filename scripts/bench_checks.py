@@ -85,7 +85,9 @@ def main() -> None:
     (bench / "checks.json").write_text(json.dumps(out, indent=2))
     lines = [f"# Cost of the safety checks (SST-2, {args.rows} training rows, 1 epoch, full fine-tune)", "",
              f"`{command}` on {machine}, {out['date']}; medians of {args.rounds} alternating rounds, each side in its "
-             "own process.", "",
+             "own process. The base reads SST-2's split files; this tree names `stanfordnlp/sst2` and carves "
+             "validation out of train + validation, so both train on 2,000 rows and validate on 6,735, "
+             "but not the same rows: compare times, not accuracy.", "",
              "| | wall (s) | setup (s) | train (s) |", "|---|---|---|---|"]
     for name in sides:
         lines.append(f"| {name} ({args.base if name == 'before' else 'this tree'}) | {summary[name]['wall']:.1f} | "

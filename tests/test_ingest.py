@@ -140,6 +140,15 @@ BAD_INPUTS = [
      TOKENS, ["test.jsonl", "line 2", "empty"]),
     ("label-only-outside-train", "tsv", {"test.tsv": GOOD_TSV + "meh\tneutral\n"},
      {}, ["test.tsv", "line 6", "'neutral'", "not in the label set"]),
+    ("listed-label-only-outside-train", "tsv", {"test.tsv": GOOD_TSV + "meh\tneutral\n"},
+     {"data": {"columns": {"text": "sentence"}, "labels": ["neg", "neutral", "pos"]}},
+     ["test.tsv", "line 6", "'neutral'", "never appears in the training split"]),
+    ("nan-label-in-json-lines", "jsonl",
+     {"train.jsonl": '{"text": "good", "label": 1}\n{"text": "bad", "label": NaN}\n{"text": "ok", "label": 0}\n'},
+     TEXT, ["train.jsonl", "line 2", "missing"]),
+    ("test-file-read-by-no-split", "tsv", {}, {"data": {"columns": {"text": "sentence"},
+                                                 "splits": {"validation_from_train": 0.25, "test": "validation"}}},
+     ["test.tsv", "read by no split", "data.splits.test=test"]),
     ("single-class-train", "tsv", {"train.tsv": "sentence\tlabel\na\tpos\nb\tpos\n"},
      {"data": {"columns": {"text": "sentence"}, "labels": ["pos", "neg"]}}, ["train.tsv", "only one class"]),
     ("header-only-train", "tsv", {"train.tsv": "sentence\tlabel\n"}, {}, ["train.tsv", "has no rows"]),
@@ -371,3 +380,19 @@ def test_shared_data_sets_pass_every_check(name, tmp_path):
             assert len(ds) == sum(1 for line in file.read_text().splitlines()[1 if file.suffix == ".tsv" else 0:]
                                   if line.strip())
         assert ingest.origin_of(ds).dropped == {}
+
+
+def test_a_split_joined_from_two_files_keeps_each_rows_file_line_and_drops(tmp_path):
+    """Rows of a split read from two files (a hub train split kept here as train + validation files)
+    still name their own file and line, and both files' drops are counted."""
+    from finetune import ingest
+
+    folder = folder_with(tmp_path, {"train.tsv": GOOD_TSV + " \tpos\n", "validation.tsv": GOOD_TSV + "\tneg\n"})
+    raw = load_splits(recipe_for(folder, tmp_path, data={"path": str(folder), "columns": {"text": "sentence"},
+                                                        "on_empty_text": "drop"}).data)
+    joined = ingest.join([raw["train"], raw["validation"]])
+    origin = ingest.origin_of(joined)
+    assert len(joined) == 8 and origin.rows_read == 10 and origin.dropped == {"empty_text": 2}
+    assert ingest.where(joined, "train", 0).endswith("train.tsv line 2")
+    assert ingest.where(joined, "train", 5).endswith("validation.tsv line 3")
+    assert origin.derive([5]).where(0).endswith("validation.tsv line 3")  # what a subsample of it keeps
