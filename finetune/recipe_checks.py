@@ -161,9 +161,6 @@ class Finding:
         shown = self.value if isinstance(self.value, str) else json.dumps(self.value)
         return f"{self.rule.key}={shown}" + (f" at {where}" if where else "")
 
-    def message(self, where: str = "") -> str:
-        return describe_unused([self], lambda key: where)
-
     def lifted(self, overridden: set[str] | frozenset[str], origins: Origins) -> bool:
         """An override, or a file nearer than the one that set this key, changed a setting that decides it:
         the user chose that setting, and this key (a sweep's other parameter, a base's LoRA section) goes."""

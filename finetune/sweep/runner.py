@@ -72,6 +72,7 @@ class SweepResult:
     here_trial: int | None = None
     """The trial whose model ``<sweep_dir>/best`` holds: the best one this sweep folder ran."""
     here_value: float | None = None
+    """Its validation value (the study's best may be better: see ``note``)."""
     note: str | None = None
     """Set when the study's best trial ran elsewhere: where it ran, and what best/ here holds instead."""
 
