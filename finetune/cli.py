@@ -18,11 +18,13 @@ import importlib
 import json
 import os
 import sys
+import time
 import traceback
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from finetune import predictions
 from finetune.errors import (
     DataError,
     FinetuneError,
@@ -94,8 +96,9 @@ def _check_input_path(path: Path) -> None:
         raise DataError(f"--input: {path}: expected one of {', '.join(['.txt', *EXTENSIONS])}")
 
 
-def _read_inputs(path: Path, run) -> tuple[list, list | None]:
-    """A .txt file has one input per line; other files go through the recipe's column mapping.
+def _read_inputs(path: Path, run) -> tuple[list, list | None, list[dict] | None, list[str]]:
+    """A .txt file has one input per line; other files go through the recipe's column mapping, and
+    their rows come back whole (to keep the other columns beside the predictions), with the input columns.
 
     Raises:
         DataError: an empty or header-only file, or a column the run needs is missing (named, with those present).
@@ -109,14 +112,14 @@ def _read_inputs(path: Path, run) -> tuple[list, list | None]:
             raise DataError(f"--input: this run classifies text pairs; give a tsv/csv/json/jsonl file with "
                             f"columns {cols.text!r} and {cols.text_pair!r}")
         lines = read_lines(path)
-        return ([line.split() for line in lines] if task == "token_classification" else lines), None
+        return ([line.split() for line in lines] if task == "token_classification" else lines), None, None, []
     table = read_table(path, other_formats=(".txt",))
     needed = [cols.tokens] if task == "token_classification" else [cols.text] + ([cols.text_pair] if cols.text_pair else [])
     missing = [c for c in needed if c not in table.column_names]
     if missing:
         raise DataError(f"--input: {path} has no column {missing[0]!r} (the run's data.columns); "
                         f"its columns are {table.column_names}")
-    return table[needed[0]], (table[needed[1]] if len(needed) > 1 else None)
+    return table[needed[0]], (table[needed[1]] if len(needed) > 1 else None), list(table), needed
 
 
 def predict_command(args: argparse.Namespace) -> int:
@@ -125,17 +128,22 @@ def predict_command(args: argparse.Namespace) -> int:
 
     if not is_ensemble(args.model):
         check_run_folder(args.model)
-    _check_input_path(Path(args.input))  # both checked in a second, before the model loads
-    if is_ensemble(args.model):  # an ensemble folder predicts like a run (same output lines)
-        run = Ensemble.load(args.model)
-        texts, pairs = _read_inputs(Path(args.input), run)
-        results = run.predict(texts, pairs)
-    else:
-        run = load_run(args.model)
-        texts, pairs = _read_inputs(Path(args.input), run)
-        results = predict(run, texts, pairs)
-    for text, result in zip(texts, results):
-        print(json.dumps({"input": text, **result}, ensure_ascii=False))
+    _check_input_path(Path(args.input))  # all checked in a second, before the model loads
+    if args.top_k is not None and args.top_k < 1:
+        raise RecipeError(f"--top-k {args.top_k}: give 1 or more")
+    fmt = predictions.output_format(args.format, args.output)
+    if args.output:
+        predictions.check_output_file(args.output)
+    started = time.perf_counter()
+    run = Ensemble.load(args.model) if is_ensemble(args.model) else load_run(args.model)
+    texts, pairs, rows, input_columns = _read_inputs(Path(args.input), run)
+    # an ensemble folder predicts like a run (same output)
+    results = run.predict(texts, pairs) if is_ensemble(args.model) else predict(run, texts, pairs)
+    results = [predictions.keep_top_k(result, args.top_k) for result in results]
+    predictions.write(predictions.render(texts, results, rows, input_columns, fmt), args.output)
+    if is_main_process():
+        print(predictions.summary(results, time.perf_counter() - started)
+              + (f"; written to {args.output}" if args.output else ""), file=sys.stderr)
     return 0
 
 
@@ -217,6 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
     pred = commands.add_parser("predict", help="print labels and probabilities, one JSON line per input")
     pred.add_argument("--model", required=True, help="run folder")
     pred.add_argument("--input", required=True, help=".txt (one input per line) or a tsv/csv/json/jsonl/parquet file")
+    pred.add_argument("--top-k", type=int, help="keep only the K most probable classes per input")
+    pred.add_argument("--output", help="write to this file (written whole, then moved into place) instead of stdout")
+    pred.add_argument("--format", choices=predictions.FORMATS,
+                      help="jsonl (default), or csv/tsv with the input's other columns beside predicted_* columns; "
+                           "default: from --output's suffix")
     pred.set_defaults(handler=predict_command)
     commands.add_parser("recipes", help="list the shipped recipes").set_defaults(handler=recipes_command)
     sweep = commands.add_parser("sweep", help="run or resume a sweep (grid, random, bayes, gp)")

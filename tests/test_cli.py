@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -87,7 +88,28 @@ def test_console_predict_reads_the_recipe_columns_from_a_tsv(tiny_backbone, sent
     assert main(["train", "--recipe", recipe, f"output.dir={run_dir}"]) == 0
     capsys.readouterr()
     assert main(["predict", "--model", str(run_dir), "--input", str(sentiment_dir / "test.tsv")]) == 0
-    assert len(capsys.readouterr().out.strip().splitlines()) == 64
+    captured = capsys.readouterr()
+    lines = [json.loads(line) for line in captured.out.strip().splitlines()]
+    assert len(lines) == 64 and all(line["columns"].keys() == {"label"} for line in lines)  # gold label kept
+    assert captured.err.strip().splitlines()[-1].startswith("predicted 64 rows in ")
+
+    # --top-k 1 keeps the predicted class only; --output writes a TSV with the input's columns beside it
+    out = tmp_path / "predictions.tsv"
+    assert main(["predict", "--model", str(run_dir), "--input", str(sentiment_dir / "test.tsv"), "--top-k", "1",
+                 "--output", str(out)]) == 0
+    assert capsys.readouterr().out == ""
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    source = list(csv.DictReader(open(sentiment_dir / "test.tsv", newline=""), delimiter="\t"))
+    assert [r["sentence"] for r in rows] == [r["sentence"] for r in source]
+    assert [r["label"] for r in rows] == [r["label"] for r in source]
+    for row, line in zip(rows, lines):
+        assert row["predicted_label"] == line["label"]
+        assert json.loads(row["predicted_probabilities"]) == {line["label"]: line["probabilities"][line["label"]]}
+    for bad, named in ((["--top-k", "0"], "--top-k 0"), (["--output", str(tmp_path / "p.xlsx")], "p.xlsx"),
+                       (["--output", str(tmp_path / "missing" / "p.tsv")], "does not exist")):
+        assert main(["predict", "--model", str(run_dir), "--input", str(sentiment_dir / "test.tsv"), *bad]) == 2
+        assert named in capsys.readouterr().err
 
 
 def test_console_reports_bad_input_without_traceback(tmp_path, capsys):
