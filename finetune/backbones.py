@@ -24,13 +24,10 @@ from huggingface_hub import constants
 from transformers import AutoConfig, AutoModel
 from transformers.utils import logging as transformers_logging
 
-from finetune.config import BackboneConfig, Recipe, RecipeError
-from finetune.modeling import (
-    FinetuneConfig,
-    FinetuneForSequenceClassification,
-    FinetuneForTokenClassification,
-)
+from finetune.config import BackboneConfig, RecipeConfig, RecipeError
+from finetune.modeling import FinetuneConfig
 from finetune.reuse import reuse
+from finetune.tasks import TASKS
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +134,7 @@ def default_pooling(path: Path) -> str:
     return "cls"
 
 
-def build_model(recipe: Recipe, backbone_path: Path, labels: list[str] | None):
+def build_model(recipe: RecipeConfig, backbone_path: Path, labels: list[str] | None):
     """Backbone (pretrained or random) + head, as one ``PreTrainedModel``; the head is seeded by train.seed."""
     cfg = recipe.backbone
     backbone_config = AutoConfig.from_pretrained(backbone_path, trust_remote_code=cfg.trust_remote_code)
@@ -150,6 +147,7 @@ def build_model(recipe: Recipe, backbone_path: Path, labels: list[str] | None):
             raise RecipeError(f"backbone.num_layers={cfg.num_layers}: the backbone has only {available} layers")
         # the first N layers' weights load as usual; the later ones are simply not read
         backbone_config.num_hidden_layers = cfg.num_layers
+    task = TASKS[recipe.task]
     num_labels = len(labels) if labels else 1
     config = FinetuneConfig(
         backbone_config=backbone_config, task=recipe.task, pooling=recipe.head.pooling,
@@ -157,11 +155,13 @@ def build_model(recipe: Recipe, backbone_path: Path, labels: list[str] | None):
         num_labels=num_labels,
         id2label={i: name for i, name in enumerate(labels)} if labels else {0: "score"},
         label2id={name: i for i, name in enumerate(labels)} if labels else {"score": 0},
-        problem_type="regression" if recipe.task == "regression" else None,
+        problem_type=task.problem_type,
     )
-    model_class = FinetuneForTokenClassification if recipe.task == "token_classification" else FinetuneForSequenceClassification
+    thresholds = task.thresholds(config, recipe, labels)
+    if thresholds is not None:  # saved with the model: predict and eval read them from config.json
+        config.thresholds = thresholds.tolist()
     set_seed(recipe.train.seed)  # the head's initialisation depends only on the seed
-    model = model_class(config)
+    model = task.model_class(config)
     dtype = getattr(torch, cfg.dtype)  # explicit: transformers would otherwise use the dtype stored in config.json
     if cfg.pretrained:
         kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code, "dtype": dtype}

@@ -20,7 +20,6 @@ import os
 import sys
 import time
 import traceback
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,7 +31,9 @@ from finetune.errors import (
     RecipeError,
     RunFolderError,
     file_in_traceback,
+    hide_unactionable_warnings,
 )
+from finetune.progress import QUIET, hide_library_bars, quiet
 
 # exit statuses: expected errors 2 (as argparse's usage errors), the file system 1, Ctrl-C 130 (128 + SIGINT)
 EXIT_ERROR, EXIT_FILE_SYSTEM, EXIT_INTERRUPTED, EXIT_BUG = 2, 1, 130, 1
@@ -51,19 +52,19 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=3e-4")
     parser.add_argument("--resume", action="store_true", help="continue the run in output.dir from its last checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in output.dir")
-    parser.add_argument("--merge", action="store_true", help="LoRA: also save a merged full model under merged/")
+    parser.add_argument("--merge", action="store_true",
+                        help="adapter policies (lora, dora, ia3): also save a merged full model under merged/")
 
 
 def train_command(args: argparse.Namespace) -> int:
     import recipes
-    from finetune.config import Recipe
     from finetune.processes import end_processes
 
     overrides = list(args.overrides) + (["output.merge_lora=true"] if args.merge else [])
-    recipe = Recipe.from_yaml(recipes.recipe_path(args.recipe), overrides=overrides)
+    recipe = recipes.load(args.recipe, *overrides)
     if args.resume and not recipe.output.dir:
         raise RecipeError("--resume needs output.dir=RUN_DIR naming the run to continue")
-    if is_main_process():
+    if is_main_process() and not quiet():
         print("# resolved recipe\n" + recipe.to_yaml(), flush=True)
     result = recipe.run(resume=args.resume, overwrite=args.overwrite or None)
     if is_main_process():
@@ -86,7 +87,7 @@ def eval_command(args: argparse.Namespace) -> int:
 
 def _check_input_path(path: Path) -> None:
     """Before the model loads (seconds): the --input file exists and has a format predict reads."""
-    from finetune.data import EXTENSIONS
+    from finetune.sources import EXTENSIONS
 
     if not path.exists():
         raise DataError(f"--input: {path} does not exist")
@@ -104,17 +105,18 @@ def _read_inputs(path: Path, run) -> tuple[list, list | None, list[dict] | None,
         DataError: an empty or header-only file, or a column the run needs is missing (named, with those present).
     """
     from finetune.data import read_lines, read_table
+    from finetune.tasks import TASKS
 
-    cols, task = run.recipe.data.columns, run.recipe.task
+    cols, task = run.recipe.data.columns, TASKS[run.recipe.task]
+    needed = task.input_columns(cols)
     _check_input_path(path)
     if path.suffix == ".txt":
-        if cols.text_pair and task != "token_classification":
+        if len(needed) > 1:
             raise DataError(f"--input: this run classifies text pairs; give a tsv/csv/json/jsonl file with "
-                            f"columns {cols.text!r} and {cols.text_pair!r}")
+                            f"columns {needed[0]!r} and {needed[1]!r}")
         lines = read_lines(path)
-        return ([line.split() for line in lines] if task == "token_classification" else lines), None, None, []
+        return ([line.split() for line in lines] if task.words else lines), None, None, []
     table = read_table(path, other_formats=(".txt",))
-    needed = [cols.tokens] if task == "token_classification" else [cols.text] + ([cols.text_pair] if cols.text_pair else [])
     missing = [c for c in needed if c not in table.column_names]
     if missing:
         raise DataError(f"--input: {path} has no column {missing[0]!r} (the run's data.columns); "
@@ -206,6 +208,9 @@ def _add_debug(parser: argparse.ArgumentParser) -> None:
     # SUPPRESS: a subcommand's default must not reset `finetune --debug train` (the funnel reads argv anyway)
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the full traceback of any error (for bug reports)")
+    parser.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="no progress bars and only warnings on the console (the run folder's train.log "
+                             "still gets everything); results and errors are still printed")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -261,13 +266,6 @@ def _lazy_command(module: str):
 # --- the error funnel: every entry point ends here --------------------------------------------
 
 
-def _quiet_warnings() -> None:
-    """Warnings a user can't act on. peft reads transformers' deprecated `is_gradient_checkpointing` when it
-    loads a LoRA adapter (every LoRA predict, eval, prune and ensemble)."""
-    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning,
-                            module=r"transformers\.modeling_utils")
-
-
 def one_line(message: str) -> str:
     """The first line, then the others joined with '; ' (a message must fit the one line a user reads)."""
     lines = [line.strip() for line in message.splitlines() if line.strip()]
@@ -313,7 +311,10 @@ def _run(prog: str, make_parser: Callable[[], argparse.ArgumentParser], argv: li
     of a multi-process launch: the others would repeat it), anything else keeps its traceback."""
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv  # read before parsing, so a usage error under --debug also raises
-    _quiet_warnings()
+    if "--quiet" in argv:  # read by the progress bars and loggers of every part (finetune.progress)
+        os.environ[QUIET] = "1"
+    hide_library_bars()  # off a terminal or with --quiet
+    hide_unactionable_warnings()  # per command: a caller's catch_warnings may have reset the filters
     try:
         args = make_parser().parse_args(argv)  # building the parser imports torch: Ctrl-C may come that early
         return args.handler(args)

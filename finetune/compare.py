@@ -1,4 +1,4 @@
-"""Compare variants of one recipe: transfer vs scratch, full vs LoRA vs head-only, measured.
+"""Compare variants of one recipe: transfer vs scratch, full vs LoRA (DoRA, IA3, BitFit) vs head-only, measured.
 
     finetune compare --recipe sst2_minilm_full --variants pretrained,scratch train.eval_every=25
     finetune compare --recipe sst2_minilm_full --variants full,lora,head_only,freeze --seeds 42,43
@@ -30,28 +30,30 @@ import math
 import os
 import re
 import shlex
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from finetune import loop
-from finetune.config import Recipe, RecipeError
+from finetune import runs
+from finetune.runs import output_home
+from finetune.config import RecipeConfig, RecipeError
 from finetune.metrics import greater_is_better
-from finetune.runs import atomic_write_text
+from finetune.policies import POLICIES
+from finetune.techniques import run_recipe
+from finetune.compare_report import ComparisonResult, Curve, write_outputs
+from finetune.durable import atomic_write_text
 
 log = logging.getLogger("finetune")
 
-# Learning rates for policies that train far fewer weights; used when a preset changes the recipe's
-# policy kind (a recipe already of that kind keeps its own, tuned lr). Values of the shipped recipes.
-PRESET_LR = {"full": 1e-4, "freeze": 1e-4, "lora": 1e-3, "head_only": 5e-3}
+# Learning rates for policies that train far fewer weights (``Policy.lr``); used when a preset changes the
+# recipe's policy kind (a recipe already of that kind keeps its own, tuned lr).
+PRESET_LR = {name: policy.lr for name, policy in POLICIES.items()}
 PRESETS: dict[str, list[str]] = {
     "pretrained": ["backbone.pretrained=true"],
     "scratch": ["backbone.pretrained=false"],
-    "full": ["policy.kind=full"],
-    "lora": ["policy.kind=lora"],
-    "head_only": ["policy.kind=head_only"],
-    "freeze": ["policy.kind=freeze", "policy.freeze_embeddings=true"],  # + the first half of the layers
+    # freeze: + the first half of the layers (resolve_variant)
+    **{name: [f"policy.kind={name}", *policy.preset] for name, policy in POLICIES.items()},
 }
 NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
@@ -61,30 +63,6 @@ class Variant:
     name: str
     overrides: list[str]
     """Applied to the recipe after the preset's lr (PRESET_LR), so a variant's own train.lr=... wins."""
-
-
-@dataclass
-class Curve:
-    """One variant's validation curve: mean over seeds and the min-max band, per evaluation step."""
-    steps: list[int]
-    seconds: list[float]
-    """Mean training seconds at each evaluation (evaluation excluded; head_only's feature pass included)."""
-    mean: list[float]
-    low: list[float]
-    high: list[float]
-
-
-@dataclass
-class ComparisonResult:
-    output_dir: Path
-    recipe: str
-    """The compared recipe's name."""
-    metric: str
-    threshold: float
-    rows: list[dict[str, Any]]
-    """One summary row per variant, as in summary.json."""
-    curves: dict[str, Curve] = field(default_factory=dict)
-    """The plotted series, by variant name."""
 
 
 # --- variants -----------------------------------------------------------------------------
@@ -133,7 +111,7 @@ def parse_variants(text: str) -> list[Variant]:
     return variants
 
 
-def resolve_variant(base: Recipe, variant: Variant, keep_lr: bool = False) -> tuple[Recipe, list[str]]:
+def resolve_variant(base: RecipeConfig, variant: Variant, keep_lr: bool = False) -> tuple[RecipeConfig, list[str]]:
     """The variant's recipe and the overrides that make it from ``base``.
 
     Raises:
@@ -155,7 +133,7 @@ def resolve_variant(base: Recipe, variant: Variant, keep_lr: bool = False) -> tu
         raise RecipeError(f"variant {variant.name}: {err}") from None
 
 
-def _num_layers(recipe: Recipe) -> int:
+def _num_layers(recipe: RecipeConfig) -> int:
     from transformers import AutoConfig
 
     from finetune.backbones import resolve_backbone
@@ -215,7 +193,7 @@ def mean_curve(histories: list[list[dict]], metric: str, offsets: list[float]) -
 # --- running ------------------------------------------------------------------------------
 
 
-def _same_training(saved: Recipe, wanted: Recipe) -> bool:
+def _same_training(saved: RecipeConfig, wanted: RecipeConfig) -> bool:
     a, b = saved.to_dict(), wanted.to_dict()
     a.pop("output"), b.pop("output")
     if wanted.head.pooling == "auto":  # the loop writes the pooling it resolved
@@ -223,32 +201,32 @@ def _same_training(saved: Recipe, wanted: Recipe) -> bool:
     return a == b
 
 
-def run_variant(recipe: Recipe, run_dir: Path, overwrite: bool) -> tuple[list[dict], dict]:
+def run_variant(recipe: RecipeConfig, run_dir: Path, overwrite: bool) -> tuple[list[dict], dict]:
     """Train (or reuse, or resume) one run; returns its evaluation records and final metrics.
 
     Raises:
         RecipeError: the folder holds a run of a different recipe (and overwrite is off).
     """
     recipe = recipe.with_overrides([f"output.dir={run_dir}"])
-    saved = run_dir / "recipe.yaml"
+    saved = run_dir / runs.RECIPE
     if saved.is_file() and not overwrite:
-        if not _same_training(Recipe.from_yaml(saved), recipe):
+        if not _same_training(RecipeConfig.from_yaml(saved), recipe):
             raise RecipeError(f"{run_dir} holds a run of a different recipe; pass --overwrite to retrain it, "
                               "or choose another --output/--runs-dir")
-        if (run_dir / "metrics.json").is_file():
+        if (run_dir / runs.METRICS).is_file():
             log.info("reusing the finished run in %s", run_dir)
         else:
-            resumable = (run_dir / "checkpoints" / "last").is_dir()
+            resumable = (run_dir / runs.CHECKPOINT).is_dir()
             log.info("%s %s", "resuming" if resumable else "restarting", run_dir)
-            loop.run_recipe(recipe, resume=resumable, overwrite=not resumable)
+            run_recipe(recipe, resume=resumable, overwrite=not resumable)
     else:
         log.info("training %s", run_dir)
-        loop.run_recipe(recipe, overwrite=overwrite)
-    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    return history, json.loads((run_dir / "metrics.json").read_text())
+        run_recipe(recipe, overwrite=overwrite)
+    history = [json.loads(line) for line in (run_dir / runs.HISTORY).read_text().splitlines() if line]
+    return history, json.loads((run_dir / runs.METRICS).read_text())
 
 
-def compare(recipe: Recipe, variants: list[Variant] | str, output_dir: str | Path | None = None,
+def compare(recipe: RecipeConfig, variants: list[Variant] | str, output_dir: str | Path | None = None,
             seeds: list[int] | None = None, threshold: str | float = "95%", metric: str | None = None,
             runs_dir: str | Path | None = None, overwrite: bool = False, keep_lr: bool = False,
             command_line: str | None = None) -> ComparisonResult:
@@ -266,8 +244,8 @@ def compare(recipe: Recipe, variants: list[Variant] | str, output_dir: str | Pat
     if metric != "loss" and metric not in recipe.eval.metrics:
         raise RecipeError(f"--metric: {metric!r} is not evaluated; use 'loss' or one of {recipe.eval.metrics}")
     kind, value = parse_threshold(threshold)
-    greater = metric != "loss" and greater_is_better(metric)
-    output_dir = Path(output_dir or f"runs/compare-{recipe.name}-{datetime.now():%Y%m%d-%H%M%S}")
+    greater = greater_is_better(metric)
+    output_dir = Path(output_dir or output_home() / "runs" / f"compare-{recipe.name}-{datetime.now():%Y%m%d-%H%M%S}")
     runs_dir = Path(runs_dir) if runs_dir else output_dir / "runs"
     resolved = {v.name: resolve_variant(recipe, v, keep_lr) for v in variants}  # all checked before training
     if recipe.train.eval_every == "epoch":
@@ -301,7 +279,7 @@ def compare(recipe: Recipe, variants: list[Variant] | str, output_dir: str | Pat
     return result
 
 
-def _row(name: str, recipe: Recipe, overrides: list[str], curve: Curve, done: list[tuple[list[dict], dict]],
+def _row(name: str, recipe: RecipeConfig, overrides: list[str], curve: Curve, done: list[tuple[list[dict], dict]],
          metric: str, target: float, greater: bool) -> dict[str, Any]:
     finals = [m for _, m in done]
     best_at = (max if greater else min)(range(len(curve.mean)), key=curve.mean.__getitem__)
@@ -323,95 +301,6 @@ def _row(name: str, recipe: Recipe, overrides: list[str], curve: Curve, done: li
             "feature_cache_seconds": mean("feature_cache_seconds"), "samples_per_second": mean("samples_per_second")}
 
 
-# --- outputs ------------------------------------------------------------------------------
-
-
-def write_outputs(result: ComparisonResult, recipe: Recipe, seeds: list[int], threshold: str | float,
-                  command_line: str | None = None) -> None:
-    """curves_steps.png, curves_seconds.png, summary.md and summary.json; prints the table."""
-    out = result.output_dir
-    for axis in ("steps", "seconds"):
-        plot_curves(result, axis, out / f"curves_{axis}.png")
-    table = markdown_table(result)
-    seeds_text = ", ".join(map(str, seeds))
-    spread = " (mean over seeds; band: min-max)" if len(seeds) > 1 else ""
-    text = (f"# Compare: {recipe.name}\n\nValidation {result.metric} of each variant{spread}; seeds {seeds_text}; "
-            f"same data and budget ({_budget(recipe)}). Threshold {result.threshold:.4f} "
-            f"({threshold}{' of the best variant' if str(threshold).endswith('%') else ''}); seconds are training "
-            "seconds (evaluation excluded, head_only's feature pass included). Recipes: recipes/<variant>.yaml.\n\n"
-            + (f"    {command_line}\n\n" if command_line else "")
-            + f"Machine: {_machine()}.\n\n"
-            f"{table}\n\n![vs steps](curves_steps.png)\n\n![vs seconds](curves_seconds.png)\n")
-    atomic_write_text(out / "summary.md", text)
-    summary = {"recipe": recipe.name, "metric": result.metric, "threshold": result.threshold,
-               "threshold_setting": str(threshold), "seeds": seeds, "command": command_line, "machine": _machine(),
-               "date": datetime.now().isoformat(timespec="seconds"), "rows": result.rows,
-               "curves": {name: asdict(curve) for name, curve in result.curves.items()}}
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-    print(table, flush=True)
-    print(f"curves and summary: {out}", flush=True)
-
-
-def _machine() -> str:
-    import platform
-
-    import torch
-
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
-    return f"{platform.machine()} {device}, torch {torch.__version__}"
-
-
-def _budget(recipe: Recipe) -> str:
-    cfg = recipe.train
-    length = f"{cfg.max_steps} steps" if cfg.max_steps else f"{cfg.epochs:g} epochs"
-    rows = f", {recipe.data.max_train_samples} training rows" if recipe.data.max_train_samples else ""
-    return f"{length}{rows}, batch {cfg.batch_size}, eval every {cfg.eval_every}"
-
-
-def markdown_table(result: ComparisonResult) -> str:
-    def number(value, digits: int = 4) -> str:
-        return "never" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else f"{value:,}"
-
-    m = result.metric
-    header = (f"| variant | final {m} | best {m} | best step | steps to {result.threshold:.4f} | seconds to it | "
-              f"test {m} | trainable params | train s | feature pass s | samples/s | lr |")
-    lines = [header, "|---" * 12 + "|"]
-    for r in result.rows:
-        lines.append(f"| {r['variant']} | {number(r['final'])} | {number(r['best'])} | {r['best_step']} | "
-                     f"{number(r['steps_to_threshold'])} | {number(r['seconds_to_threshold'], 1)} | "
-                     f"{'' if r['test'] is None else number(r['test'])} | {number(r['trainable_parameters'])} | "
-                     f"{number(r['train_seconds'], 1)} | {number(r['feature_cache_seconds'], 1)} | "
-                     f"{number(r['samples_per_second'], 1)} | {r['lr']:g} |")
-    return "\n".join(lines)
-
-
-def plot_curves(result: ComparisonResult, axis: str, path: Path) -> None:
-    """One line per variant (mean over seeds, min-max band) and the threshold as a dashed line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, ax = plt.subplots(figsize=(8, 5))
-    for name, curve in result.curves.items():
-        x = curve.steps if axis == "steps" else curve.seconds
-        (line,) = ax.plot(x, curve.mean, marker="o", markersize=3, label=name)
-        if curve.low != curve.high:
-            ax.fill_between(x, curve.low, curve.high, color=line.get_color(), alpha=0.2)
-    if not math.isnan(result.threshold):
-        ax.axhline(result.threshold, color="grey", linestyle="--", linewidth=1, label="threshold")
-    ax.set_xlabel("optimizer steps" if axis == "steps" else "training seconds (evaluation excluded)")
-    ax.set_ylabel(f"validation {result.metric}")
-    ax.set_title(f"{result.recipe}: {', '.join(result.curves)}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    figure.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    figure.savefig(tmp, dpi=110)
-    plt.close(figure)
-    os.replace(tmp, path)
-
-
 # --- the command --------------------------------------------------------------------------
 
 
@@ -427,7 +316,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", default="95%", help="metric value to reach, or N%% of the best variant's "
                                                           "best (default 95%%; for loss: within 5%% of the best)")
     parser.add_argument("--metric", help="validation metric to plot and compare (default eval.primary; 'loss' allowed)")
-    parser.add_argument("--output", help="folder for curves and summary (default runs/compare-<recipe>-<time>)")
+    parser.add_argument("--output", help="folder for curves and summary (default $FINETUNE_HOME/runs/compare-<recipe>-<time>, or runs/... here)")
     parser.add_argument("--runs-dir", help="folder for the variants' run folders (default OUTPUT/runs)")
     parser.add_argument("--overwrite", action="store_true", help="retrain variants whose runs already exist")
     parser.add_argument("--keep-lr", action="store_true",
@@ -438,17 +327,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def command(args: argparse.Namespace) -> int:
     import recipes
-    from finetune.processes import LOG_FORMAT, end_processes
+    from finetune.processes import command_logging, end_processes
 
-    if not log.handlers:  # each run sets up its own logging; until the first one, say what is reused
-        handler = logging.StreamHandler()
-        handler.setFormatter(LOG_FORMAT)
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
+    command_logging(replace=False)  # each run sets up its own logging; until the first one, say what is reused
     from finetune.runs import check_output_folder
 
-    recipe = Recipe.from_yaml(recipes.recipe_path(args.recipe), overrides=args.overrides)
+    recipe = recipes.load(args.recipe, *args.overrides)
     for flag, folder in {"--output": args.output, "--runs-dir": args.runs_dir}.items():
         if folder:
             check_output_folder(folder, flag)  # before the first variant trains, not after

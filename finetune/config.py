@@ -9,9 +9,7 @@ A key that would be ignored under the other settings (LoRA keys with kind=full) 
 
 from __future__ import annotations
 
-import copy
 import logging
-import re
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Literal
@@ -19,7 +17,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     ValidationInfo,
@@ -27,9 +24,12 @@ from pydantic import (
     model_validator,
 )
 
+from finetune import schema
+from finetune.data_config import ColumnsConfig, DataConfig, SplitsConfig  # noqa: F401  (re-exported)
 from finetune.errors import RecipeError  # noqa: F401  (re-exported: the name users catch)
-from finetune.recipe_checks import UNUSED, describe_unused, suggest, unused_settings
+from finetune.recipe_checks import UNUSED, describe_unused, unused_settings
 from finetune.recipe_file import Origins, read_recipe_file  # noqa: F401  (read_recipe_file: re-exported)
+from finetune.schema import Strict, parse_value  # noqa: F401  (parse_value: re-exported)
 
 log = logging.getLogger("finetune")
 
@@ -39,10 +39,6 @@ UNUSED_CHECKED_BY_CALLER = {"unused_settings": "checked by the caller"}
 
 def _caller_checks_unused(info: ValidationInfo) -> bool:
     return isinstance(info.context, dict) and info.context.get("unused_settings") is not None
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 class BackboneConfig(Strict):
@@ -82,15 +78,29 @@ class LoraConfig(Strict):
     """Module names to adapt (default per architecture, e.g. query and value for BERT)."""
 
 
+class Ia3Config(Strict):
+    target_modules: list[str] | None = None
+    """Modules whose outputs (or, for feed-forward ones, inputs) are scaled; a name matches any dotted suffix
+    (default per architecture, for BERT: key, value, output.dense)."""
+    feedforward_modules: list[str] | None = None
+    """Of target_modules, those scaled at their input (default per architecture, for BERT: output.dense)."""
+    exclude_modules: list[str] | None = None
+    """Modules never scaled (default for BERT-style encoders: attention.output.dense, which output.dense
+    matches too; the paper scales only the feed-forward one)."""
+
+
 class PolicyConfig(Strict):
-    kind: Literal["full", "head_only", "freeze", "lora"] = "full"
-    """What trains: everything, only the head, all but frozen lower parts, or LoRA adapters + head."""
+    kind: Literal["full", "head_only", "freeze", "lora", "bitfit", "ia3", "dora"] = "full"
+    """What trains: everything, only the head, all but frozen lower parts, LoRA adapters + head, biases + head
+    (BitFit), (IA)³ scaling vectors + head, or DoRA adapters + head."""
     freeze_embeddings: bool = False
     """With kind=freeze: freeze the embedding layer."""
     freeze_layers: int = Field(default=0, ge=0)
     """With kind=freeze: freeze the first N encoder layers."""
     lora: LoraConfig = LoraConfig()
-    """LoRA settings, used when kind=lora."""
+    """LoRA settings, used when kind=lora or kind=dora."""
+    ia3: Ia3Config = Ia3Config()
+    """(IA)³ settings, used when kind=ia3."""
 
     @model_validator(mode="after")
     def _freeze_settings_match_kind(self) -> PolicyConfig:
@@ -99,120 +109,6 @@ class PolicyConfig(Strict):
         if self.kind == "freeze" and not (self.freeze_embeddings or self.freeze_layers > 0):
             raise ValueError("kind=freeze needs freeze_embeddings=true and/or freeze_layers > 0")
         return self
-
-
-class ColumnsConfig(Strict):
-    text: str = "text"
-    """Column with the (first) text, for classification and regression."""
-    text_pair: str | None = None
-    """Column with the second text of a pair (e.g. MRPC's sentence2)."""
-    label: str = "label"
-    """Column with the label (class name or number; a float for regression)."""
-    tokens: str = "tokens"
-    """Token classification: column with the list of words."""
-    tags: str = "tags"
-    """Token classification: column with one tag per word."""
-
-
-class SplitsConfig(Strict):
-    train: str = "train"
-    """Split (file stem or hub split name) to train on."""
-    validation: str | None = "validation"
-    """Split used for evaluation during training and model selection (null with validation_from_train)."""
-    test: str | None = "test"
-    """Held-out split evaluated once with the best model (null to skip)."""
-    validation_from_train: int | float | None = None
-    """Carve the validation split out of the training split instead of reading one: a fraction (0.1) or a
-    number of rows (500), chosen by data.subsample_seed from each row's content, so the hub and a local
-    copy of the same rows give the same split (e.g. SST-2, whose hub test split is unlabeled)."""
-
-    @field_validator("validation_from_train", mode="before")
-    @classmethod
-    def _carve_not_bool(cls, value):
-        if isinstance(value, bool):  # YAML yes/true would otherwise read as 1 row
-            raise ValueError("expected a fraction in (0, 1) or a number of rows >= 1, not a yes/no")
-        return value
-
-    @model_validator(mode="before")
-    @classmethod
-    def _carving_replaces_validation(cls, raw: Any) -> Any:
-        # a recipe that carves validation out of train reads no validation split unless it names one
-        if isinstance(raw, dict) and raw.get("validation_from_train") is not None and "validation" not in raw:
-            return {**raw, "validation": None}
-        return raw
-
-    @model_validator(mode="after")
-    def _one_validation_source(self) -> SplitsConfig:
-        carve = self.validation_from_train
-        if carve is not None:
-            if carve <= 0 or (isinstance(carve, float) and carve >= 1):
-                raise ValueError(f"validation_from_train={carve!r}: expected a fraction in (0, 1) or a number of rows >= 1")
-            if self.validation is not None:
-                raise ValueError(f"validation={self.validation!r} and validation_from_train={carve!r} both give the "
-                                 "validation split; set validation: null to carve it from train, or drop validation_from_train")
-        elif self.validation is None:
-            raise ValueError("validation is null: name the validation split, or carve one with validation_from_train")
-        return self
-
-    def named(self) -> dict[str, str]:
-        """Role -> split name (file stem or hub split) for the splits that are read, not carved or skipped."""
-        roles = {"train": self.train, "validation": self.validation, "test": self.test}
-        return {role: name for role, name in roles.items() if name is not None}
-
-
-class DataConfig(Strict):
-    path: str
-    """Local folder (holding <split>.tsv/csv/json/jsonl/parquet) or a hub dataset id.
-    ${FINETUNE_DATA_DIR} expands to that environment variable (default: ../shared/data next to the repo)."""
-    name: str | None = None
-    """Hub dataset configuration name."""
-    revision: str | None = None
-    """Hub dataset revision."""
-    format: Literal["auto", "csv", "tsv", "json", "jsonl", "parquet"] = "auto"
-    """File format; auto uses the file extension."""
-    columns: ColumnsConfig = ColumnsConfig()
-    """Which columns hold the inputs and targets."""
-    splits: SplitsConfig = SplitsConfig()
-    """Split names."""
-    labels: list[str] | None = None
-    """Label names in id order; inferred from the training split when omitted."""
-
-    @field_validator("labels", mode="before")
-    @classmethod
-    def _labels_as_text(cls, value):
-        # YAML reads `[0, 1]` as numbers; label names are text, as in the data files
-        if isinstance(value, list):
-            if any(isinstance(v, bool) for v in value):
-                raise ValueError("label names must be text; quote yes/no/true/false, e.g. ['yes', 'no']")
-            # 1.0 names the class '1', as the data's integer-valued floats do (finetune.ingest.label_text)
-            return [str(int(v)) if isinstance(v, float) and v.is_integer() else str(v) if isinstance(v, (int, float))
-                    else v for v in value]
-        return value
-
-    @field_validator("labels")
-    @classmethod
-    def _labels_unique(cls, value):
-        if value is not None and len(set(value)) != len(value):
-            repeated = sorted({v for v in value if value.count(v) > 1})
-            raise ValueError(f"label names must be unique; repeated: {repeated}")
-        return value
-    max_length: int = Field(default=128, gt=0)
-    """Truncate inputs to this many tokens (batches are padded per batch, never to this)."""
-    max_train_samples: int | None = Field(default=None, gt=0)
-    """Seeded random subsample of the training split, for quick runs."""
-    max_eval_samples: int | None = Field(default=None, gt=0)
-    """Seeded random subsample of the validation split (model selection during training)."""
-    max_test_samples: int | None = Field(default=None, gt=0)
-    """Seeded random subsample of the test split."""
-    subsample_seed: int = 0
-    """Seed for the subsamples."""
-    on_empty_text: Literal["error", "drop"] = "error"
-    """A row whose text (or text pair, or token list) is empty, whitespace-only or missing: stop with an
-    error naming the file and line, or drop the row (drops are counted in the log, data_report.json and
-    metrics.json)."""
-    on_missing_label: Literal["error", "drop"] = "error"
-    """A row without a label (empty field, null or absent key): stop with an error naming the file and
-    line, or drop the row (counted like on_empty_text)."""
 
 
 class TrainConfig(Strict):
@@ -228,6 +124,9 @@ class TrainConfig(Strict):
     """Forward passes per optimizer step."""
     lr: float = Field(default=5e-5, gt=0)
     """Peak learning rate."""
+    head_lr: float | None = Field(default=None, gt=0)
+    """Peak learning rate of the task head (default: lr). A fresh head on many classes often learns best
+    faster than the pretrained backbone, e.g. 10x lr."""
     weight_decay: float = Field(default=0.01, ge=0)
     """AdamW weight decay (not applied to biases and norms)."""
     warmup_ratio: float = Field(default=0.0, ge=0, lt=1)
@@ -273,6 +172,11 @@ class EvalConfig(Strict):
     primary: str = "accuracy"
     """Metric that selects the best checkpoint and drives early stopping ('loss' is allowed);
     default: the first metric."""
+    threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
+    """task=multi_label_classification: a label applies when its probability is above this (every label)."""
+    tune_thresholds: bool = False
+    """task=multi_label_classification: after training, tune one threshold per label on validation (the one
+    maximising that label's F1, see finetune.thresholds); saved in the model's config.json, used by predict and eval."""
 
     @field_validator("metrics")
     @classmethod
@@ -284,13 +188,18 @@ class EvalConfig(Strict):
 
 class OutputConfig(Strict):
     dir: str | None = None
-    """Run folder (default: runs/<recipe name>-<timestamp>)."""
+    """Run folder (default: runs/<recipe name>-<timestamp> under $FINETUNE_HOME, else under the current folder)."""
     overwrite: bool = False
     """Replace a folder that already holds a run."""
     merge_lora: bool = False
-    """LoRA runs: also save a merged full model under merged/."""
+    """Adapter runs (lora, dora, ia3): also save a merged full model under merged/."""
     report_to: list[str] = []
     """Accelerate trackers, e.g. [tensorboard]."""
+    keep: Literal["model", "model+checkpoint", "all"] = "model"
+    """What stays once the run has finished (until then its checkpoint always stays, for --resume): model: the
+    exported model with its recipe, log, metrics and card (checkpoints/ goes: the best checkpoint is the
+    exported model); model+checkpoint: also checkpoints/last, to train further; all: that, and a sweep keeps
+    its trials' checkpoints too."""
 
 
 class PruneConfig(Strict):
@@ -334,16 +243,19 @@ class PruneConfig(Strict):
         return self
 
 
-Task = Literal["classification", "regression", "token_classification"]
+Task = Literal["classification", "regression", "token_classification", "multi_label_classification"]
 
 
-class Recipe(Strict):
-    """Backbone + head + policy + data + training loop: everything a run needs."""
+class RecipeConfig(Strict):
+    """Backbone + head + policy + data + training loop: everything a run needs, as plain validated data.
+
+    The schema alone: ``finetune.Recipe`` (finetune.recipe) extends it with ``run()`` and ``sweep()``."""
 
     name: str = "recipe"
     """Short name, used for the default run folder."""
     task: Task = "classification"
-    """classification (binary, multi-class, single text or pairs), regression, or token_classification."""
+    """classification (binary, multi-class, single text or pairs), regression, token_classification, or
+    multi_label_classification (each row has a set of labels, possibly empty)."""
     backbone: BackboneConfig
     head: HeadConfig = HeadConfig()
     policy: PolicyConfig = PolicyConfig()
@@ -366,10 +278,14 @@ class Recipe(Strict):
             evaluation["metrics"] = DEFAULTS.get(raw.get("task", "classification"), DEFAULTS["classification"])
         if "primary" not in evaluation and isinstance(evaluation["metrics"], list) and evaluation["metrics"]:
             evaluation["primary"] = evaluation["metrics"][0]
+        data = raw.get("data")
+        if raw.get("task") == "multi_label_classification" and isinstance(data, dict) \
+                and data.get("label_separator") is None:  # label sets: an empty label cell is valid (ingest)
+            raw = {**raw, "data": {**data, "label_separator": "|"}}
         return {**raw, "eval": evaluation}
 
     @model_validator(mode="after")
-    def _consistent(self) -> Recipe:
+    def _consistent(self) -> RecipeConfig:
         from finetune.metrics import REGISTRY
 
         if self.eval.primary != "loss" and self.eval.primary not in self.eval.metrics:
@@ -386,7 +302,7 @@ class Recipe(Strict):
         return self
 
     @model_validator(mode="after")
-    def _settings_have_effect(self, info: ValidationInfo) -> Recipe:
+    def _settings_have_effect(self, info: ValidationInfo) -> RecipeConfig:
         """Built directly (``Recipe(...)``, section assignment): a given setting that would be ignored is refused."""
         if not _caller_checks_unused(info):
             found = unused_settings(self)
@@ -397,7 +313,7 @@ class Recipe(Strict):
     # --- construction ---------------------------------------------------------
     @classmethod
     def from_dict(cls, raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (),
-                  origins: Origins | None = None) -> Recipe:
+                  origins: Origins | None = None) -> RecipeConfig:
         """Validate a plain dict, after applying dotted ``key=value`` overrides. ``origins`` (filled by
         ``read_recipe_file``) lets errors name the file and line, and lets a recipe switch off its base's keys.
 
@@ -412,15 +328,15 @@ class Recipe(Strict):
         return cls._validated(raw, overrides, origins or Origins())
 
     @classmethod
-    def _validated(cls, raw: dict[str, Any], overrides: list[str] | tuple[str, ...], origins: Origins) -> Recipe:
-        raw = apply_overrides(raw, overrides)
+    def _validated(cls, raw: dict[str, Any], overrides: list[str] | tuple[str, ...], origins: Origins) -> RecipeConfig:
+        raw = schema.apply_overrides(raw, overrides, known_keys())
         overridden = {parse_override(text)[0] for text in overrides}
         recipe = cls._validate_raw(raw, origins, overridden)
         found = unused_settings(recipe, overridden)
         lifted = [f for f in found if f.lifted(overridden, origins)]
         if lifted:
             for finding in lifted:
-                _remove_key(raw, finding.rule.key)
+                schema.remove_key(raw, finding.rule.key)
                 if finding.value != finding.default:
                     setting = finding.setting(origins.at(finding.rule.key, overridden))
                     log.warning("%s has no effect with %s: it falls back to its default %s, since an override or a "
@@ -432,14 +348,14 @@ class Recipe(Strict):
         return recipe
 
     @classmethod
-    def _validate_raw(cls, raw: dict[str, Any], origins: Origins, overridden: set[str]) -> Recipe:
+    def _validate_raw(cls, raw: dict[str, Any], origins: Origins, overridden: set[str]) -> RecipeConfig:
         try:
             return cls.model_validate(raw, context=UNUSED_CHECKED_BY_CALLER)
         except ValidationError as err:
-            raise RecipeError(_describe(err, origins, overridden)) from None
+            raise RecipeError(schema.describe(err, known_keys(), origins, overridden)) from None
 
     @classmethod
-    def from_yaml(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    def from_yaml(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RecipeConfig:
         """Load a recipe file (safe YAML; ``base:`` names a recipe it extends), then apply overrides.
 
         Raises:
@@ -451,9 +367,10 @@ class Recipe(Strict):
         raw.pop("sweep", None)  # a recipe file may carry a sweep section (see finetune.sweep)
         return cls.from_dict(raw, overrides, origins)
 
-    def with_overrides(self, overrides: list[str] | tuple[str, ...]) -> Recipe:
-        """A new recipe with dotted overrides applied (the same code path as command-line overrides)."""
-        return Recipe.from_dict(self.to_dict(), overrides)
+    def with_overrides(self, overrides: list[str] | tuple[str, ...]) -> RecipeConfig:
+        """A new recipe of the same class with dotted overrides applied (the same code path as
+        command-line overrides)."""
+        return type(self).from_dict(self.to_dict(), overrides)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -461,124 +378,12 @@ class Recipe(Strict):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def run(self, resume: bool = False, overwrite: bool | None = None):
-        """Train, select the best evaluation, evaluate on test and save the run folder.
 
-        Returns a ``RunResult`` (metrics, run folder, best checkpoint).
-        """
-        from finetune.loop import run_recipe
-
-        return run_recipe(self, resume=resume, overwrite=overwrite)
-
-    def sweep(self, parameters: dict[str, Any], method: str = "bayes", n_trials: int | None = None, **settings):
-        """Search over dotted recipe keys, e.g.
-        ``recipe.sweep({"train.lr": {"loguniform": [1e-5, 1e-3]}, "policy.lora.rank": [4, 8, 16]}, n_trials=12)``.
-
-        ``settings`` are any other sweep fields (objective, pruner, repeats, dir, storage, ...).
-        Returns a ``SweepResult`` (trials, best params, best run folder); re-running resumes.
-        """
-        from finetune.sweep import parse_sweep, run_sweep
-
-        raw = {"parameters": parameters, "method": method, **settings}
-        if n_trials is not None:
-            raw["n_trials"] = n_trials
-        return run_sweep(self, parse_sweep(raw))
-
-
-# --- files -------------------------------------------------------------------------
-
-
-def _remove_key(raw: dict[str, Any], key: str) -> None:
-    """Delete a dotted key from a raw recipe, so its default applies."""
-    *parents, leaf = key.split(".")
-    node: Any = raw
-    for part in parents:
-        node = node.get(part) if isinstance(node, dict) else None
-    if isinstance(node, dict):
-        node.pop(leaf, None)
-
-
-# --- dotted overrides -------------------------------------------------------------
-
-
-def known_keys(model: type[BaseModel] = Recipe, prefix: str = "") -> list[str]:
+def known_keys(model: type[BaseModel] = RecipeConfig, prefix: str = "") -> list[str]:
     """Every dotted key a recipe accepts, e.g. ``train.lr`` and ``policy.lora.rank``."""
-    keys = []
-    for name, field in model.model_fields.items():
-        key = f"{prefix}{name}"
-        keys.append(key)
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            keys.extend(known_keys(annotation, key + "."))
-    return keys
-
-
-def _suggest(key: str) -> str:
-    hint = suggest(key, known_keys())  # by the last part and common aliases (see finetune.recipe_checks)
-    return f" (did you mean '{hint}'?)" if hint else ""
-
-
-FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+    return schema.known_keys(model, prefix)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
     """Split ``key=value``; the value is parsed as a YAML scalar or list (never evaluated)."""
-    if "=" not in text:
-        raise RecipeError(f"override {text!r} must look like key=value, e.g. train.lr=3e-4")
-    key, _, value = text.partition("=")
-    key = key.strip()
-    if key not in known_keys():
-        raise RecipeError(f"unknown recipe key '{key}'{_suggest(key)}")
-    return key, parse_value(key, value)
-
-
-def parse_value(key: str, value: str) -> Any:
-    """An override's value as a YAML scalar or list (never evaluated); empty means null."""
-    try:
-        parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError as err:
-        raise RecipeError(f"override {key}: cannot parse value {value!r}: {err}") from None
-    if isinstance(parsed, str) and FLOAT.fullmatch(parsed.strip()):
-        parsed = float(parsed)  # YAML 1.1 reads 3e-4 (no dot) as text; users mean a number
-    return parsed
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """Return a copy of ``raw`` with each ``key=value`` set at its dotted path."""
-    raw = copy.deepcopy(raw)
-    for text in overrides:
-        key, value = parse_override(text)
-        node = raw
-        *parents, leaf = key.split(".")
-        for part in parents:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise RecipeError(f"override {key}: '{part}' is not a section")
-            node = child
-        node[leaf] = value
-    return raw
-
-
-def _describe(err: ValidationError, origins: Origins | None = None,
-              overridden: set[str] | frozenset[str] = frozenset()) -> str:
-    """One line: each problem with the dotted key (and, from a file, its file and line), joined by '; '."""
-    parts = []
-    for item in err.errors():
-        # drop pydantic's union-member and validator tags from the location, keep field names
-        key = ".".join(str(p) for p in item["loc"]
-                       if str(p) not in ("int", "str", "float") and not str(p).startswith(("function-", "literal[")))
-        at = (origins or Origins()).at(key, overridden)
-        if item["type"] == "extra_forbidden":
-            parts.append(f"unknown recipe key '{key}'" + (f" at {at}" if at else "") + _suggest(key))
-            continue
-        if item["type"] == "missing":
-            problem = "required but missing"
-        else:
-            got = item.get("input")
-            shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            problem = " ".join(item["msg"].removeprefix("Value error, ").split()) + shown
-        # "KEY: problem" first: a sweep recognises a searched key's own errors by that start
-        parts.append(f"{key or 'recipe'}: {problem}" + (f", at {at}" if at else ""))
-    return "; ".join(dict.fromkeys(parts))
+    return schema.parse_override(text, known_keys())

@@ -7,30 +7,19 @@ max_length), so repeated runs don't tokenise again.
 
 from __future__ import annotations
 
-import math
-import os
-import re
 from pathlib import Path
 
 import datasets
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
-from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding
 
-from finetune import ingest
-from finetune.config import DataConfig, Recipe, RecipeError
+from finetune import ingest, sources
+from finetune.config import DataConfig, RecipeConfig, RecipeError
 from finetune.errors import DataError
-
-EXTENSIONS = {".tsv": "tsv", ".csv": "csv", ".json": "json", ".jsonl": "jsonl", ".parquet": "parquet"}
-DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
-
-
-def expand_path(path: str) -> str:
-    """Expand ``${FINETUNE_DATA_DIR}`` (default ../shared/data beside the repo), other $VARS and ~."""
-    data_dir = os.environ.get("FINETUNE_DATA_DIR", str(DEFAULT_DATA_DIR))
-    path = path.replace("${FINETUNE_DATA_DIR}", data_dir).replace("$FINETUNE_DATA_DIR", data_dir)
-    return os.path.expanduser(os.path.expandvars(path))
+from finetune.sources import EXTENSIONS, expand_path  # noqa: F401  (expand_path: re-exported)
+from finetune.tasks import TASKS
+from finetune.tasks.base import require_columns
 
 
 def read_table(path: Path, other_formats: tuple[str, ...] = ()) -> datasets.Dataset:
@@ -80,8 +69,6 @@ def load_splits(cfg: DataConfig, whole_folder: bool = True) -> datasets.DatasetD
     Local files go through ``finetune.ingest`` (structure, then empty texts and missing labels under the
     data.on_* policies); each split loads on its own, so a column one file lacks is not filled in from another.
     """
-    from finetune import sources  # imports finetune.data's helpers itself
-
     source = sources.locate(cfg)  # a local folder, a mirror, this project's copy or the hub
     path = source.folder
     if whole_folder and source.copy is None and path is not None and path.is_dir():
@@ -121,160 +108,28 @@ def _subsample(ds: datasets.Dataset, limit: int, seed: int) -> datasets.Dataset:
     return subsample
 
 
-def _require_columns(raw: datasets.DatasetDict, columns: list[str]) -> None:
-    for split, ds in raw.items():
-        missing = [c for c in columns if c not in ds.column_names]
-        if missing:
-            raise DataError(
-                f"data.columns: {ingest.source_of(ds, split)} has no column {missing[0]!r}; its columns are "
-                f"{ds.column_names} (map yours with data.columns.text / text_pair / label / tokens / tags)"
-            )
-
-
-def _natural_key(value: str):
-    return (0, int(value), "") if re.fullmatch(r"-?\d+", value) else (1, 0, value)
-
-
 label_text = ingest.label_text
 
 
-def label_names(recipe: Recipe, raw: datasets.DatasetDict) -> list[str] | None:
-    """The label set, in id order: as given, or inferred (sorted) from the training split.
-
-    Checks the labels against the task first, naming the file and line: a regression target must be a
-    finite number; a class label must not be a fractional number (that is a regression target); tokens
-    must be lists with one tag per word; the training split needs two classes; every label of every
-    split must be in the set.
-    """
-    cols = recipe.data.columns
-    token_task = recipe.task == "token_classification"
-    column = cols.tags if token_task else cols.label
-    _require_columns(raw, [column] + ([cols.tokens] if token_task else []))
-    if token_task:
-        for split, ds in raw.items():
-            ingest.require_lists(ds, split, cols.tokens, "a list of words")
-            ingest.check_tags(ds, split, cols.tokens, column)
-    if recipe.task == "regression":
-        for split, ds in raw.items():
-            _check_targets(ds, split, column)
-        return None
-
-    given = recipe.data.labels
-    distinct = {split: _distinct(ds[column][:], token_task) for split, ds in raw.items()}
-    for split, values in distinct.items():
-        not_finite = [v for v in values.values() if isinstance(v, float) and not math.isfinite(v)]
-        if not_finite:  # NaN in a JSON/parquet label column is a missing label, not a class named 'nan'
-            at = ingest.where(raw[split], split, _first_row(raw[split], column, not_finite[0], token_task))
-            raise DataError(f"{at}: label {not_finite[0]} in column {column!r} is missing; give every row a label "
-                            "(or drop such rows with data.on_missing_label: drop)")
-        fractional = [v for v in values.values() if _fractional(v) and not (given and label_text(v) in given)]
-        if fractional:
-            at = ingest.where(raw[split], split, _first_row(raw[split], column, fractional[0], token_task))
-            raise DataError(f"{at}: label {label_text(fractional[0])} in column {column!r} is not a whole number; "
-                            "classification needs class names or integer ids (for a numeric target set "
-                            "task: regression)")
-    trained = sorted(distinct.get("train", {}), key=_natural_key)
-    names = given or trained
-    if len(names) < 2:
-        raise DataError(f"data: found {len(names)} label(s) {names} in {ingest.source_of(raw['train'], 'train')}; "
-                        "classification needs at least 2")
-    if "train" in raw and len(trained) < 2:
-        raise DataError(f"data: {ingest.source_of(raw['train'], 'train')} has only one class {trained} in column "
-                        f"{column!r}; classification needs at least 2 in the training split")
-    known = set(names)
-    for split, values in distinct.items():
-        unknown = sorted(set(values) - known, key=_natural_key)
-        if unknown:
-            at = ingest.where(raw[split], split, _first_row(raw[split], column, values[unknown[0]], token_task))
-            raise DataError(
-                f"data: split '{split}' column '{column}' has label {unknown[0]!r} not in the label set {names}"
-                + (" (data.labels)" if given else " (inferred from the training split)") + f"; first at {at}"
-            )
-    if "train" in raw:  # a class the model never saw in training can't be predicted: its scores would mislead
-        for split, values in distinct.items():
-            unseen = sorted(set(values) - set(trained), key=_natural_key)
-            if unseen:
-                at = ingest.where(raw[split], split, _first_row(raw[split], column, values[unseen[0]], token_task))
-                raise DataError(f"{at}: label {unseen[0]!r} never appears in the training split "
-                                f"{ingest.source_of(raw['train'], 'train')}; the model cannot learn it (add training "
-                                "rows with it, or remove it from this split)")
-    return names
+def label_names(recipe: RecipeConfig, raw: datasets.DatasetDict) -> list[str] | None:
+    """The label set, in id order (None for regression): as given, or inferred (sorted) from the training
+    split, after the task's checks of every split's labels, which name the file and line (see finetune.tasks)."""
+    return TASKS[recipe.task].label_names(recipe, raw)
 
 
-def _distinct(values: list, token_task: bool) -> dict[str, object]:
-    """Each label's class name -> its first raw value."""
-    seen: dict[str, object] = {}
-    for value in (t for seq in values for t in seq) if token_task else values:
-        seen.setdefault(label_text(value), value)
-    return seen
-
-
-def _fractional(value) -> bool:
-    """A number with a fractional part (0.35 or "0.35"): a regression target, not a class."""
-    if isinstance(value, str) and re.fullmatch(r"\s*-?\d*\.\d+([eE][-+]?\d+)?\s*", value):
-        value = float(value)
-    return isinstance(value, float) and math.isfinite(value) and not value.is_integer()
-
-
-def _first_row(ds: datasets.Dataset, column: str, value, token_task: bool) -> int:
-    values, name = ds[column][:], label_text(value)  # by class name: NaN != NaN
-    return next(row for row, v in enumerate(values)
-                if (name in map(label_text, v) if token_task else label_text(v) == name))
-
-
-def _check_targets(ds: datasets.Dataset, split: str, column: str) -> None:
-    """Regression targets: numbers, and finite ones (a NaN target makes every loss NaN)."""
-    for row, value in enumerate(ds[column][:]):
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise DataError(f"data: {ingest.where(ds, split, row)}: column '{column}' has {value!r}, "
-                            "not a number (task=regression)") from None
-        if not math.isfinite(number):
-            raise DataError(f"data: {ingest.where(ds, split, row)}: column '{column}' has {value!r}; regression "
-                            "targets must be finite numbers")
-
-
-def tokenize(recipe: Recipe, raw: datasets.DatasetDict, tokenizer, labels: list[str] | None) -> datasets.DatasetDict:
-    """Tokenise every split (truncation only; padding happens per batch) and attach integer labels."""
-    cfg = recipe.data
+def tokenize(recipe: RecipeConfig, raw: datasets.DatasetDict, tokenizer, labels: list[str] | None) -> datasets.DatasetDict:
+    """Tokenise every split (truncation only; padding happens per batch) and attach the task's labels."""
+    cfg, task = recipe.data, TASKS[recipe.task]
     limit = tokenizer.model_max_length if tokenizer.model_max_length < 1_000_000 else None
     if limit is not None and cfg.max_length > limit:
         raise RecipeError(f"data.max_length={cfg.max_length} exceeds the tokenizer's model_max_length of {limit} tokens "
                           "(the backbone's limit, or for a finished run the length it was trained with)")
-    cols = cfg.columns
-    if recipe.task == "token_classification":
-        _require_columns(raw, [cols.tokens, cols.tags])
-        if not tokenizer.is_fast:
-            raise RecipeError("token_classification needs a fast tokenizer (word_ids) for label alignment")
-        label_id = {name: i for i, name in enumerate(labels)}
-
-        def encode(batch):
-            enc = tokenizer(batch[cols.tokens], is_split_into_words=True, truncation=True, max_length=cfg.max_length)
-            enc["labels"] = []
-            for i, tags in enumerate(batch[cols.tags]):
-                previous, aligned = None, []
-                for word in enc.word_ids(i):  # label the first sub-word of each word only
-                    aligned.append(-100 if word is None or word == previous else label_id[label_text(tags[word])])
-                    previous = word
-                enc["labels"].append(aligned)
-            return enc
-    else:
-        _require_columns(raw, [cols.text, cols.label] + ([cols.text_pair] if cols.text_pair else []))
-        label_id = {name: i for i, name in enumerate(labels)} if labels else None
-
-        def encode(batch):
-            pair = batch[cols.text_pair] if cols.text_pair else None
-            enc = tokenizer(batch[cols.text], pair, truncation=True, max_length=cfg.max_length)
-            if label_id is None:
-                enc["labels"] = [float(v) for v in batch[cols.label]]
-            else:
-                enc["labels"] = [label_id[label_text(v)] for v in batch[cols.label]]
-            return enc
-
+    require_columns(raw, task.input_columns(cfg.columns) + [task.label_column(cfg.columns)])
+    label_id = {name: i for i, name in enumerate(labels)} if labels else None
     out = datasets.DatasetDict()
     for split, ds in raw.items():
-        out[split] = ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"tokenising {split}")
+        out[split] = ds.map(lambda batch: task.encode(batch, tokenizer, cfg, label_id), batched=True,
+                            remove_columns=ds.column_names, desc=f"tokenising {split}")
     return out
 
 
@@ -285,11 +140,9 @@ def pad_multiple(device: torch.device | str) -> int | None:
     return 8 if torch.device(device).type == "cuda" else None
 
 
-def make_collator(recipe: Recipe, tokenizer, multiple_of: int | None = None):
+def make_collator(recipe: RecipeConfig, tokenizer, multiple_of: int | None = None):
     """Pad per batch to the longest example (rounded up to ``multiple_of``), never to max_length."""
-    if recipe.task == "token_classification":
-        return DataCollatorForTokenClassification(tokenizer, pad_to_multiple_of=multiple_of)
-    return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=multiple_of)
+    return TASKS[recipe.task].collator(tokenizer, multiple_of)
 
 
 class LengthGroupedSampler(Sampler[int]):
@@ -328,7 +181,7 @@ class LengthGroupedSampler(Sampler[int]):
         return iter([i for batch in shuffled for i in batch])
 
 
-def make_train_loader(recipe: Recipe, train, collator, lengths: list[int] | None = None,
+def make_train_loader(recipe: RecipeConfig, train, collator, lengths: list[int] | None = None,
                       pin_memory: bool = False) -> DataLoader:
     """Length-grouped, seeded batches of the training split (``lengths`` for data without input_ids).
     ``pin_memory`` (for a CUDA device) lets the copy to the GPU overlap compute (non-blocking)."""
@@ -340,7 +193,7 @@ def make_train_loader(recipe: Recipe, train, collator, lengths: list[int] | None
                       generator=torch.Generator().manual_seed(recipe.train.seed), pin_memory=pin_memory)
 
 
-def make_eval_loader(recipe: Recipe, split: datasets.Dataset, collator, pin_memory: bool = False) -> DataLoader:
+def make_eval_loader(recipe: RecipeConfig, split: datasets.Dataset, collator, pin_memory: bool = False) -> DataLoader:
     """Evaluation batches sorted by length: the order doesn't matter for metrics, padding does."""
     lengths = [len(ids) for ids in split["input_ids"]]
     by_length = sorted(range(len(split)), key=lengths.__getitem__)

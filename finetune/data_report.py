@@ -10,7 +10,8 @@ import datasets
 import numpy as np
 import pyarrow.compute as pc
 
-from finetune.ingest import arrow_column, label_text, origin_of
+from finetune.ingest import arrow_column, origin_of
+from finetune.tasks import TASKS
 
 log = logging.getLogger("finetune")
 
@@ -19,10 +20,8 @@ def data_report(recipe, raw: datasets.DatasetDict, tokenised: datasets.DatasetDi
     """Per split: source file, rows (read, dropped by policy, subsampled, used), label counts (or the
     target's range for regression), duplicate texts, texts also in the training split, token lengths
     (p50/p90/p99/max, before truncation) and the share of rows truncated at data.max_length."""
-    cols, limit = recipe.data.columns, recipe.data.max_length
-    token_task = recipe.task == "token_classification"
-    texts = [cols.tokens] if token_task else [cols.text] + ([cols.text_pair] if cols.text_pair else [])
-    label = cols.tags if token_task else cols.label
+    cols, limit, task = recipe.data.columns, recipe.data.max_length, TASKS[recipe.task]
+    texts, label = task.input_columns(cols), task.label_column(cols)
     report: dict = {"task": recipe.task, "max_length": limit, "splits": {}, "dropped": {}}
     train_keys: set = set()
     for split, ds in raw.items():
@@ -37,19 +36,9 @@ def data_report(recipe, raw: datasets.DatasetDict, tokenised: datasets.DatasetDi
             train_keys = set(keys)
         else:
             entry["texts_also_in_train"] = sum(key in train_keys for key in keys)
-        values = ds[label][:] if label in ds.column_names else []
-        if recipe.task == "regression":
-            targets = np.array(values, dtype=float)
-            entry["target"] = {"min": float(targets.min()), "max": float(targets.max()),
-                               "mean": round(float(targets.mean()), 6), "std": round(float(targets.std()), 6)}
-        else:
-            flat = [t for seq in values for t in seq] if token_task else values
-            counts: dict[str, int] = {}
-            for value in flat:
-                counts[label_text(value)] = counts.get(label_text(value), 0) + 1
-            entry["tags" if token_task else "labels"] = dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+        entry.update(task.label_summary(ds[label][:] if label in ds.column_names else [], recipe.data))
         if split in tokenised:
-            entry["tokens"] = _lengths(ds, tokenised[split], tokenizer, texts, limit, token_task)
+            entry["tokens"] = _lengths(ds, tokenised[split], tokenizer, texts, limit, task.words)
         for reason, count in entry["dropped"].items():
             report["dropped"][reason] = report["dropped"].get(reason, 0) + count
         report["splits"][split] = entry
@@ -60,7 +49,7 @@ SAMPLE = 5000  # at most this many rows at the limit are tokenised again to lear
 
 
 def _lengths(ds: datasets.Dataset, tokenised: datasets.Dataset, tokenizer, texts: list[str], limit: int,
-             token_task: bool) -> dict:
+             words: bool) -> dict:
     """Token lengths before truncation. Truncated rows have exactly ``limit`` tokens after it, so only rows
     at the limit are tokenised again, untruncated (a seeded sample of SAMPLE when there are more: then
     the truncated share is an estimate and the high percentiles a lower bound, ``exact: false``)."""
@@ -72,7 +61,7 @@ def _lengths(ds: datasets.Dataset, tokenised: datasets.Dataset, tokenizer, texts
     if len(sample):
         rows = ds.select(sample.tolist())
         inputs = [rows[c][:] for c in texts]
-        encoded = tokenizer(*inputs[:2], is_split_into_words=token_task, truncation=False, verbose=False)
+        encoded = tokenizer(*inputs[:2], is_split_into_words=words, truncation=False, verbose=False)
         true = np.array([len(ids) for ids in encoded["input_ids"]], dtype=np.int64)
         lengths[sample] = np.maximum(true, limit)
         truncated = int((true > limit).sum())

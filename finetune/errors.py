@@ -39,3 +39,12 @@ def file_in_traceback(err: BaseException, suffixes: tuple[str, ...]) -> str | No
                 found = str(value)
         tb = tb.tb_next
     return found
+
+
+def hide_unactionable_warnings() -> None:
+    """Warnings a user can't act on. peft reads transformers' deprecated `is_gradient_checkpointing` when it
+    wraps or loads an adapter (every LoRA run, predict, eval, prune and ensemble)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning,
+                            module=r"transformers\.modeling_utils")

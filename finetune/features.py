@@ -29,35 +29,36 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
-from finetune.config import Recipe
+from finetune.progress import bar
+from finetune.config import RecipeConfig
+from finetune.policies import policy_of
+from finetune.tasks import TASKS
 
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt")
 
 
-def applies(recipe: Recipe) -> bool:
-    """Head-only sequence tasks, or frozen embeddings + first N layers, on a pretrained backbone (a random
-    one is redrawn per seed). Whether the architecture allows the second is checked by ``supports``."""
+def applies(recipe: RecipeConfig) -> bool:
+    """The policy has a frozen part to cache (``Policy.cache``: head_only's pooled vectors on sequence tasks,
+    freeze's hidden states after frozen embeddings + first N layers), on a pretrained backbone (a random
+    one is redrawn per seed). Whether the architecture allows hidden states is checked by ``supports``."""
     if not (recipe.train.cache_features and recipe.backbone.pretrained):
         return False
-    if recipe.policy.kind == "head_only":
-        return recipe.task != "token_classification"
-    return recipe.policy.kind == "freeze" and recipe.policy.freeze_embeddings and recipe.policy.freeze_layers > 0
+    return policy_of(recipe).cache(recipe) is not None
 
 
-def supports(model: nn.Module, recipe: Recipe) -> bool:
+def supports(model: nn.Module, recipe: RecipeConfig) -> bool:
     """Caching hidden states needs a BERT-style encoder (``embeddings`` + ``encoder.layer``), whose
     layers can be run from given hidden states."""
-    if recipe.policy.kind == "head_only":
+    if policy_of(recipe).cache(recipe) == "pooled":
         return True
     backbone = model.backbone
     return (hasattr(backbone, "embeddings") and isinstance(getattr(getattr(backbone, "encoder", None), "layer", None),
                                                            nn.ModuleList))
 
 
-def cached_output(recipe: Recipe) -> str:
-    if recipe.policy.kind == "head_only":
+def cached_output(recipe: RecipeConfig) -> str:
+    if policy_of(recipe).cache(recipe) == "pooled":
         return f"pooled-{recipe.head.pooling}"
     return f"hidden-after-{recipe.policy.freeze_layers}-layers"
 
@@ -66,7 +67,7 @@ def cache_root() -> Path:
     return Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune")) / "features"
 
 
-def cache_key(recipe: Recipe, backbone_path: Path, tokenised) -> str:
+def cache_key(recipe: RecipeConfig, backbone_path: Path, tokenised) -> str:
     weights = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
                      for pattern in WEIGHT_FILES for p in Path(backbone_path).glob(pattern))
     payload = {"backbone": str(Path(backbone_path).resolve()), "weights": weights, "revision": recipe.backbone.revision,
@@ -182,20 +183,20 @@ class UpperOnFeatures(nn.Module):
         return self._head(out.to(self.classifier.layers[-1].weight.dtype), attention_mask, labels)
 
 
-def trainable_on_features(model: nn.Module, recipe: Recipe) -> nn.Module:
-    if recipe.policy.kind == "head_only":
+def trainable_on_features(model: nn.Module, recipe: RecipeConfig) -> nn.Module:
+    if policy_of(recipe).cache(recipe) == "pooled":
         return HeadOnFeatures(model)
     return UpperOnFeatures(model, recipe.policy.freeze_layers)
 
 
 @torch.no_grad()
-def _compute(model, recipe: Recipe, split, collator, batch_size: int, accelerator, desc: str) -> list[torch.Tensor]:
+def _compute(model, recipe: RecipeConfig, split, collator, batch_size: int, accelerator, desc: str) -> list[torch.Tensor]:
     """The frozen part's output per example, in the split's own order (a pooled vector, or the real
     tokens' hidden states); batches sorted by length to spend little on padding."""
     was_training = model.training
     model.eval()
     model.to(accelerator.device)
-    if recipe.policy.kind == "head_only":
+    if policy_of(recipe).cache(recipe) == "pooled":
         encode = model.pooled
     else:  # the embeddings and the frozen layers only
         lower = _layers_view(model.backbone, list(model.backbone.encoder.layer)[:recipe.policy.freeze_layers])
@@ -209,7 +210,7 @@ def _compute(model, recipe: Recipe, split, collator, batch_size: int, accelerato
     loader = DataLoader(split.select(order).remove_columns(["labels"]), batch_size=batch_size, collate_fn=collator,
                         generator=torch.Generator())
     outputs, done = [None] * len(split), 0
-    for batch in tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
+    for batch in bar(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with accelerator.autocast():
             out = encode(**batch).float().cpu()
@@ -221,16 +222,17 @@ def _compute(model, recipe: Recipe, split, collator, batch_size: int, accelerato
     return outputs
 
 
-def _pack(outputs: list[torch.Tensor], labels: list) -> dict[str, torch.Tensor]:
+def _pack(outputs: list[torch.Tensor], labels: list, per_token: bool) -> dict[str, torch.Tensor]:
+    """Stored features; ``per_token``: one label per token (token classification), stored flat like the
+    states (a multi-label row's multi-hot list is one label, kept whole)."""
     if outputs[0].dim() == 1:
         return {"features": torch.stack(outputs), "labels": torch.tensor(labels)}
     offsets = torch.tensor([0] + [len(o) for o in outputs]).cumsum(0)
-    per_token = isinstance(labels[0], list)
     flat_labels = torch.tensor([t for row in labels for t in row]) if per_token else torch.tensor(labels)
     return {"features": torch.cat(outputs), "offsets": offsets, "labels": flat_labels}
 
 
-def load_or_compute(recipe: Recipe, model, tokenised, backbone_path: Path, collator, accelerator,
+def load_or_compute(recipe: RecipeConfig, model, tokenised, backbone_path: Path, collator, accelerator,
                     pad_to: int | None = None) -> dict[str, Dataset]:
     """The cached features of every split, computing (and storing) those missing. Call on the main
     process first, so other processes read what it stored."""
@@ -243,7 +245,7 @@ def load_or_compute(recipe: Recipe, model, tokenised, backbone_path: Path, colla
         else:
             outputs = _compute(model, recipe, ds, collator, recipe.train.eval_batch_size or 2 * recipe.train.batch_size,
                                accelerator, f"caching {split} features")
-            stored = _pack(outputs, ds["labels"])
+            stored = _pack(outputs, ds["labels"], per_token=TASKS[recipe.task].words)
             if accelerator.is_main_process:
                 folder.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -251,7 +253,7 @@ def load_or_compute(recipe: Recipe, model, tokenised, backbone_path: Path, colla
                 os.replace(tmp, path)  # a reader never sees a half-written file
         if "offsets" in stored:
             sets[split] = HiddenSet(stored["features"], stored["offsets"], stored["labels"], pad_to,
-                                    per_token=recipe.task == "token_classification")
+                                    per_token=TASKS[recipe.task].words)
         else:
             sets[split] = FeatureSet(stored["features"], stored["labels"])
     return sets

@@ -38,12 +38,13 @@ def _batches(texts: list, pairs: list | None, batch_size: int, count: int) -> li
 
 
 def latency_ms(model: torch.nn.Module, tokenizer, texts: list, batch_size: int, max_length: int, repeats: int = 20,
-               warmup: int = 3, pairs: list | None = None) -> float:
+               warmup: int = 3, pairs: list | None = None, words: bool | None = None) -> float:
     """Median wall time of one forward pass over a batch, in milliseconds.
 
     Runs in eval mode under ``torch.inference_mode`` on the model's current device, after
     ``warmup`` untimed batches. Each timed batch holds different real inputs (``texts``: strings,
-    or word lists for token classification; ``pairs``: second texts of pairs), padded to its
+    or word lists for token classification, ``words=True``, guessed from the first input when None;
+    ``pairs``: second texts of pairs), padded to its
     longest input as at prediction time. Tokenisation is done beforehand and not timed.
     The median, not the mean, so a stray scheduler hiccup on a shared machine doesn't count.
 
@@ -54,7 +55,7 @@ def latency_ms(model: torch.nn.Module, tokenizer, texts: list, batch_size: int, 
         raise ValueError(f"latency_ms needs texts, batch_size >= 1 and repeats >= 1 "
                          f"(got {len(texts)} texts, batch_size={batch_size}, repeats={repeats})")
     device = next(model.parameters()).device
-    words = isinstance(texts[0], (list, tuple))
+    words = isinstance(texts[0], (list, tuple)) if words is None else words
     encoded = [tokenizer(chunk, pair_chunk, truncation=True, max_length=max_length, padding=True,
                          return_tensors="pt", is_split_into_words=words).to(device)
                for chunk, pair_chunk in _batches(texts, pairs, batch_size, warmup + repeats)]
@@ -76,8 +77,8 @@ def latency_ms(model: torch.nn.Module, tokenizer, texts: list, batch_size: int, 
 
 
 def weight_files(folder: str | Path) -> list[Path]:
-    """The weight files of a saved model or run folder: its own, plus ``base/`` for a LoRA
-    adapter (the adapter is useless without it). Checkpoints and ``merged/`` are not counted."""
+    """The weight files of a saved model or run folder: its own, plus ``base/`` for an adapter
+    (lora, dora, ia3: useless without it). Checkpoints and ``merged/`` are not counted."""
     folder = Path(folder)
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
     if (folder / "adapter_config.json").is_file() and (folder / "base").is_dir():

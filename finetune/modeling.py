@@ -32,6 +32,7 @@ class FinetuneConfig(PretrainedConfig):
         head_hidden_size: int | None = None,
         head_dropout: float = 0.1,
         removed_heads: dict[str, list[int]] | None = None,
+        thresholds: list[float] | None = None,
         **kwargs,
     ):
         if isinstance(backbone_config, dict):
@@ -45,6 +46,8 @@ class FinetuneConfig(PretrainedConfig):
         # attention heads removed by structured pruning, per encoder layer (finetune.prune): the
         # layer's original head numbers, re-applied when the model is built so the saved weights fit
         self.removed_heads = {str(k): sorted(int(h) for h in v) for k, v in (removed_heads or {}).items()}
+        # multi-label: a label applies when its sigmoid is above its threshold (tuned on validation or not)
+        self.thresholds = thresholds
         super().__init__(**kwargs)
 
 
@@ -79,8 +82,8 @@ def build_backbone(config: PretrainedConfig) -> nn.Module:
 
 
 def encoder_layers(backbone: nn.Module) -> nn.ModuleList:
-    """The encoder's list of layers: ``encoder.layer`` (BERT, RoBERTa, ELECTRA, ...) or
-    ``transformer.layer`` (DistilBERT).
+    """The encoder's list of layers: ``encoder.layer`` (BERT, RoBERTa, ELECTRA, ...),
+    ``transformer.layer`` (DistilBERT), or else the module list with ``num_hidden_layers`` blocks.
 
     Raises:
         ValueError: the architecture keeps its layers elsewhere.
@@ -89,8 +92,12 @@ def encoder_layers(backbone: nn.Module) -> nn.ModuleList:
         layers = getattr(getattr(backbone, owner, None), "layer", None)
         if isinstance(layers, nn.ModuleList):
             return layers
-    raise ValueError(f"{type(backbone).__name__}: no encoder.layer or transformer.layer list; layer and head "
-                     "pruning support BERT-, RoBERTa- and DistilBERT-style encoders")
+    count = getattr(backbone.config, "num_hidden_layers", None)  # other layouts: the list of that many blocks
+    for module in backbone.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count:
+            return module
+    raise ValueError(f"{type(backbone).__name__}: cannot find its {count} encoder layers (no encoder.layer or "
+                     "transformer.layer list, as BERT-, RoBERTa- and DistilBERT-style encoders have)")
 
 
 def attention_projections(layer: nn.Module) -> tuple[nn.Module, tuple[str, str, str], nn.Module, str]:
@@ -187,7 +194,10 @@ class FinetunePreTrainedModel(PreTrainedModel):
 
 
 class FinetuneForSequenceClassification(FinetunePreTrainedModel):
-    """Pooled backbone output -> head. Regression when ``num_labels == 1``."""
+    """Pooled backbone output -> head. The loss follows ``config.problem_type``, as transformers' own
+    classifiers do: mean squared error (regression), binary cross-entropy per label
+    (multi_label_classification, float multi-hot labels) or cross-entropy; unset, regression when
+    ``num_labels == 1``."""
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **kwargs):
         return self.classify(self.pooled(input_ids, attention_mask, token_type_ids), labels)
@@ -210,8 +220,11 @@ class FinetuneForSequenceClassification(FinetunePreTrainedModel):
         logits = self.classifier(pooled)  # (B, num_labels)
         loss = None
         if labels is not None:
-            if self.config.num_labels == 1:
+            kind = self.config.problem_type or ("regression" if self.config.num_labels == 1 else "single_label")
+            if kind == "regression":
                 loss = nn.functional.mse_loss(logits.squeeze(-1).float(), labels.float())
+            elif kind == "multi_label_classification":  # mean over rows and labels
+                loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), labels.float())
             else:
                 loss = nn.functional.cross_entropy(logits.float(), labels)
         return SequenceClassifierOutput(loss=loss, logits=logits)
@@ -239,3 +252,16 @@ AUTO_MAP = {
     "AutoModelForSequenceClassification": "modeling_finetune.FinetuneForSequenceClassification",
     "AutoModelForTokenClassification": "modeling_finetune.FinetuneForTokenClassification",
 }
+
+
+def register_auto_classes() -> None:
+    """Let plain transformers/peft Auto classes load run folders without remote code (``import finetune``
+    calls this; it is not run on import, since this file is also a run folder's remote code)."""
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoModelForTokenClassification,
+    )
+
+    AutoConfig.register(FinetuneConfig.model_type, FinetuneConfig, exist_ok=True)
+    AutoModelForSequenceClassification.register(FinetuneConfig, FinetuneForSequenceClassification, exist_ok=True)
+    AutoModelForTokenClassification.register(FinetuneConfig, FinetuneForTokenClassification, exist_ok=True)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from finetune.config import Recipe, RecipeError
+from finetune import runs
+from finetune.config import RecipeConfig, RecipeError
 from finetune.errors import RunFolderError
 
 
@@ -18,11 +19,11 @@ from finetune.errors import RunFolderError
 class LoadedRun:
     model: torch.nn.Module
     tokenizer: object
-    recipe: Recipe
+    recipe: RecipeConfig
     labels: list[str] | None
 
 
-def check_run_folder(run_dir: str | Path, flag: str = "--model") -> Recipe:
+def check_run_folder(run_dir: str | Path, flag: str = "--model") -> RecipeConfig:
     """The recipe of a finished run folder, read before any model loads (a typo fails in a second).
 
     Raises:
@@ -31,17 +32,17 @@ def check_run_folder(run_dir: str | Path, flag: str = "--model") -> Recipe:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunFolderError(f"{flag}: {run_dir} " + ("is a file, not a run folder" if run_dir.exists() else "does not exist"))
-    if (run_dir / "MODEL_REMOVED.txt").exists():
+    if (run_dir / runs.MODEL_REMOVED).exists():
         raise RunFolderError(f"{flag}: {run_dir} had its model removed by its sweep (see {run_dir / 'MODEL_REMOVED.txt'})")
-    missing = [name for name in ("recipe.yaml", "label_map.json") if not (run_dir / name).is_file()]
+    missing = [name for name in (runs.RECIPE, runs.LABEL_MAP) if not (run_dir / name).is_file()]
     if not any(run_dir.glob("*.safetensors")) and not (run_dir / "pytorch_model.bin").is_file():
         missing.append("model weights (*.safetensors)")
     if missing:
-        unfinished = (run_dir / "checkpoints").is_dir() and (run_dir / "recipe.yaml").is_file()
+        unfinished = (run_dir / runs.CHECKPOINTS).is_dir() and (run_dir / runs.RECIPE).is_file()
         raise RunFolderError(f"{flag}: {run_dir} is not a finished run folder: no {', '.join(missing)}"
                              + ("; training did not finish (continue it with finetune train --resume)" if unfinished else ""))
-    with _reading(run_dir / "recipe.yaml"):
-        return Recipe.from_yaml(run_dir / "recipe.yaml")
+    with _reading(run_dir / runs.RECIPE):
+        return RecipeConfig.from_yaml(run_dir / runs.RECIPE)
 
 
 @contextmanager
@@ -70,18 +71,17 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     Raises:
         RunFolderError: the folder is not a finished run, or one of its files is damaged (named).
     """
-    from transformers import (
-        AutoModelForSequenceClassification,
-        AutoModelForTokenClassification,
-        AutoTokenizer,
-    )
+    import transformers
+    from transformers import AutoTokenizer
 
-    import finetune  # noqa: F401  registers the architecture with the Auto classes
+    from finetune.modeling import register_auto_classes
+    from finetune.tasks import TASKS
+
+    register_auto_classes()  # the Auto classes below load this architecture
 
     run_dir = Path(run_dir)
     recipe = check_run_folder(run_dir)
-    token_task = recipe.task == "token_classification"
-    auto_class = AutoModelForTokenClassification if token_task else AutoModelForSequenceClassification
+    auto_class = getattr(transformers, TASKS[recipe.task].auto_class_name)
     if (run_dir / "adapter_config.json").is_file():
         from peft import PeftModel
 
@@ -94,8 +94,8 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     else:
         with _reading(run_dir / "model.safetensors"):
             model = auto_class.from_pretrained(str(run_dir)).eval()
-    with _reading(run_dir / "label_map.json"):
-        label_map = json.loads((run_dir / "label_map.json").read_text())
+    with _reading(run_dir / runs.LABEL_MAP):
+        label_map = json.loads((run_dir / runs.LABEL_MAP).read_text())
     labels = [label_map[str(i)] for i in range(len(label_map))] or None
     with _reading(run_dir / "tokenizer.json"):
         tokenizer = AutoTokenizer.from_pretrained(str(run_dir))
@@ -107,30 +107,20 @@ def predict(run: LoadedRun, texts: list, pairs: list | None = None, batch_size: 
     """Predict a list of texts (or word lists for token classification).
 
     Returns one dict per input: ``label`` and ``probabilities`` (classification), ``score``
-    (regression) or ``tags`` (token classification).
+    (regression), ``tags`` (token classification), or ``labels`` above their thresholds (the model's
+    ``config.thresholds``) and ``probabilities`` (multi-label classification).
     """
+    from finetune.tasks import TASKS
+
+    task = TASKS[run.recipe.task]
+    thresholds = task.thresholds(run.model.config, run.recipe, run.labels)
     results = []
-    token_task = run.recipe.task == "token_classification"
     for start in range(0, len(texts), batch_size):
         chunk = texts[start:start + batch_size]
         pair_chunk = pairs[start:start + batch_size] if pairs else None
         enc = run.tokenizer(chunk, pair_chunk, truncation=True, max_length=run.recipe.data.max_length,
-                            padding=True, return_tensors="pt", is_split_into_words=token_task)
-        logits = run.model(**enc).logits.float()
-        for i in range(len(chunk)):
-            if token_task:
-                words, tags, previous = enc.word_ids(i), [], None
-                for position, word in enumerate(words):
-                    if word is not None and word != previous:
-                        tags.append(run.labels[int(logits[i, position].argmax())])
-                    previous = word
-                results.append({"tokens": chunk[i][:len(tags)], "tags": tags})
-            elif run.labels is None:
-                results.append({"score": float(logits[i, 0])})
-            else:
-                probs = logits[i].softmax(-1)
-                results.append({"label": run.labels[int(probs.argmax())],
-                                "probabilities": {name: round(float(p), 6) for name, p in zip(run.labels, probs)}})
+                            padding=True, return_tensors="pt", is_split_into_words=task.words)
+        results += task.predict(run.model(**enc).logits.float(), enc, chunk, run.labels, thresholds)
     return results
 
 

@@ -39,7 +39,8 @@ def check_output_file(output: str) -> None:
 
 
 def keep_top_k(result: dict[str, Any], k: int | None) -> dict[str, Any]:
-    """Only the k most probable classes in ``probabilities`` (most probable first)."""
+    """Only the k most probable classes in ``probabilities`` (most probable first); a multi-label
+    result keeps its ``labels`` (the decision) whole."""
     if k is None or "probabilities" not in result:
         return result
     top = sorted(result["probabilities"].items(), key=lambda item: -item[1])[:k]
@@ -63,6 +64,9 @@ def render(texts: list, results: list[dict], rows: list[dict] | None, input_colu
             row["predicted_label"] = result["label"]
             row["predicted_probability"] = result["probabilities"][result["label"]]
             row["predicted_probabilities"] = json.dumps(result["probabilities"], ensure_ascii=False)
+        elif "labels" in result:  # multi-label: the chosen labels, then every label's probability
+            row["predicted_labels"] = "|".join(result["labels"])
+            row["predicted_probabilities"] = json.dumps(result["probabilities"], ensure_ascii=False)
         elif "score" in result:
             row["predicted_score"] = result["score"]
         else:
@@ -77,8 +81,9 @@ def render(texts: list, results: list[dict], rows: list[dict] | None, input_colu
 
 
 def summary(results: list[dict], seconds: float) -> str:
-    """One line for stderr: rows, time, and the predicted label counts."""
+    """One line for stderr: rows, time, and the predicted label counts (rows holding each label, for multi-label)."""
     labels = Counter(r["label"] for r in results if "label" in r)
+    labels.update(name for r in results for name in r.get("labels", []))
     counts = (": " + ", ".join(f"{name} {n}" for name, n in labels.most_common(10))
               + (f" (+{len(labels) - 10} more labels)" if len(labels) > 10 else "")) if labels else ""
     return f"predicted {len(results):,} rows in {seconds:.1f} s{counts}"

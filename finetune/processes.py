@@ -16,8 +16,9 @@ from accelerate import Accelerator, PartialState
 from accelerate.tracking import filter_trackers
 from accelerate.utils import broadcast_object_list
 
-from finetune import errors
-from finetune.config import Recipe, RecipeError
+from finetune import runs
+from finetune import errors, progress
+from finetune.config import RecipeConfig, RecipeError
 
 T = TypeVar("T")
 log = logging.getLogger("finetune")
@@ -25,6 +26,7 @@ LOG_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%
 
 def setup_logging(accelerator: Accelerator, quiet: bool = False) -> None:
     """Readable INFO lines from the main process; the other processes only warn."""
+    progress.hide_library_bars()
     log.setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
     for handler in list(log.handlers):  # an earlier run's (in a sweep or notebook): close its log file
         handler.close()
@@ -32,13 +34,32 @@ def setup_logging(accelerator: Accelerator, quiet: bool = False) -> None:
     log.propagate = False
     handler = logging.StreamHandler()
     handler.setFormatter(LOG_FORMAT)
-    handler.setLevel(logging.WARNING if quiet else logging.INFO)
+    handler.setLevel(logging.WARNING if quiet or progress.quiet() else logging.INFO)
     log.addHandler(handler)
+
+
+def command_logging(tag: str = "", file: Path | None = None, replace: bool = True,
+                    logger: logging.Logger = log) -> None:
+    """INFO lines on stderr (and in ``file``) for a command around runs: sweep, compare, prune, ensemble.
+    ``replace=False`` keeps the handlers a run already set up (a command between two runs)."""
+    if logger.handlers and not replace:
+        return
+    for handler in list(logger.handlers):  # a fresh handler per command: a notebook or test may swap stderr
+        handler.close()
+        logger.removeHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # a parent logger would print each line again
+    fmt = logging.Formatter(f"%(asctime)s [{tag}] %(message)s", "%H:%M:%S") if tag else LOG_FORMAT
+    console = logging.StreamHandler()
+    console.setLevel(logging.WARNING if progress.quiet() else logging.INFO)
+    for handler in (console, *([logging.FileHandler(file)] if file else [])):
+        handler.setFormatter(fmt)
+        logger.addHandler(handler)
 
 
 def log_to_file(accelerator: Accelerator, run_dir: Path) -> None:
     if accelerator.is_main_process:
-        handler = logging.FileHandler(run_dir / "train.log")
+        handler = logging.FileHandler(run_dir / runs.LOG)
         handler.setFormatter(LOG_FORMAT)
         log.addHandler(handler)
 
@@ -51,15 +72,15 @@ def write_to_log_file(message: str, level: int = logging.ERROR) -> None:
             handler.handle(record)
 
 
-def default_run_dir(recipe: Recipe, accelerator: Accelerator) -> Path:
+def default_run_dir(recipe: RecipeConfig, accelerator: Accelerator) -> Path:
     if recipe.output.dir:
         return Path(recipe.output.dir)
     stamp = [datetime.now().strftime("%Y%m%d-%H%M%S")]
     broadcast_object_list(stamp)  # every process must write to the same folder
-    return Path("runs") / f"{recipe.name}-{stamp[0]}"
+    return runs.output_home() / "runs" / f"{recipe.name}-{stamp[0]}"
 
 
-def set_trackers(accelerator: Accelerator, recipe: Recipe, run_dir: Path) -> None:
+def set_trackers(accelerator: Accelerator, recipe: RecipeConfig, run_dir: Path) -> None:
     """Point Accelerate's trackers (report_to) at the run folder, which is known only now."""
     if not recipe.output.report_to:
         return

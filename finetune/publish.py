@@ -18,9 +18,12 @@ from typing import Any
 
 import yaml
 
-from finetune.config import Recipe
+from finetune import runs
+from finetune.config import RecipeConfig
 from finetune.modeling import AUTO_MAP
+from finetune.policies import plain, policy_of
 from finetune.runs import atomic_write_text, publish_files, replace_dir
+from finetune.tasks import TASKS
 
 MODELING_FILE = Path(__file__).with_name("modeling.py")
 SUBSAMPLE_KEYS = {"train": "max_train_samples", "validation": "max_eval_samples", "test": "max_test_samples"}
@@ -50,7 +53,7 @@ def _save_tokenizer(tokenizer, folder: Path, max_length: int | None) -> None:
 
 
 def save_base(model, run_dir: Path) -> None:
-    """LoRA runs: the untouched model the adapter applies to, so peft can load the run."""
+    """Adapter runs (lora, dora, ia3): the untouched model the adapter applies to, so peft can load the run."""
     tmp = run_dir / ".base.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)  # left by an interrupted save
@@ -89,14 +92,14 @@ def export_model(model, tokenizer, labels: list[str] | None, run_dir: Path, merg
             merged = run_dir / ".merged.tmp"
             if merged.exists():
                 shutil.rmtree(merged)
-            _save_plain(copy.deepcopy(model).merge_and_unload(), merged)
+            _save_plain(plain(copy.deepcopy(model))[0], merged)
             _save_tokenizer(tokenizer, merged, max_length)
             replace_dir(merged, run_dir / "merged")
     else:
         _save_plain(model, tmp)
     _save_tokenizer(tokenizer, tmp, max_length)
     label_map = {str(i): name for i, name in enumerate(labels)} if labels else {}
-    atomic_write_text(tmp / "label_map.json", json.dumps(label_map, indent=2) + "\n")
+    atomic_write_text(tmp / runs.LABEL_MAP, json.dumps(label_map, indent=2) + "\n")
     publish_files(tmp, run_dir)
 
 
@@ -132,8 +135,7 @@ def split_rows(raw: Mapping[str, Any]) -> dict[str, SplitRows]:
 def _hub_id(name: str) -> str | None:
     """``name`` if it names a hub repository rather than a folder on this machine (the rule data and
     backbones are located by)."""
-    from finetune.data import expand_path
-    from finetune.sources import HUB_ID
+    from finetune.sources import HUB_ID, expand_path
 
     return name if HUB_ID.fullmatch(name) and not Path(expand_path(name)).exists() else None
 
@@ -142,7 +144,7 @@ def _numbers(metrics: Mapping[str, Any] | None) -> dict[str, float]:
     return {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def _split_name(recipe: Recipe, split: str) -> str:
+def _split_name(recipe: RecipeConfig, split: str) -> str:
     """Where a role's rows come from, e.g. "test (`test`)"."""
     splits = recipe.data.splits
     if split == "validation" and splits.validation_from_train is not None:
@@ -152,7 +154,7 @@ def _split_name(recipe: Recipe, split: str) -> str:
     return f"{split} (`{getattr(splits, split)}`)"
 
 
-def _rows_text(recipe: Recipe, split: str, counted: SplitRows | None) -> str:
+def _rows_text(recipe: RecipeConfig, split: str, counted: SplitRows | None) -> str:
     """How many rows a split had and whether they were a subsample, as the data loader chose them:
     a split is subsampled exactly when its ``data.max_*_samples`` is below its size."""
     key = SUBSAMPLE_KEYS[split]
@@ -174,7 +176,7 @@ def _rows_text(recipe: Recipe, split: str, counted: SplitRows | None) -> str:
     return text + "".join(dropped)
 
 
-def _data_source(recipe: Recipe) -> tuple[str, str | None]:
+def _data_source(recipe: RecipeConfig) -> tuple[str, str | None]:
     """Where the data was read from, with ${VARS} expanded, and its hub id if it has one."""
     from finetune.sources import describe
 
@@ -185,21 +187,21 @@ def _data_source(recipe: Recipe) -> tuple[str, str | None]:
     return source, _hub_id(cfg.path)
 
 
-def _header(recipe: Recipe, metrics: Mapping[str, Any], data_hub: str | None, pipeline_task: str) -> str:
+def _header(recipe: RecipeConfig, metrics: Mapping[str, Any], data_hub: str | None, pipeline_task: str) -> str:
     """Hugging Face metadata: what the hub shows and filters on."""
-    from finetune.data import expand_path
+    from finetune.sources import expand_path
 
-    is_lora = recipe.policy.kind == "lora"
+    adapter = policy_of(recipe).adapter
     meta: dict[str, Any] = {
-        "library_name": "peft" if is_lora else "transformers",
+        "library_name": "peft" if adapter else "transformers",
         "pipeline_tag": pipeline_task,
         "tags": ["finetune", recipe.task.replace("_", "-"), f"policy-{recipe.policy.kind.replace('_', '-')}"]
-        + (["lora"] if is_lora else []),
+        + ([recipe.policy.kind] if adapter else []),
     }
     base = _hub_id(recipe.backbone.name)
     if base:
         meta["base_model"] = base
-        meta["base_model_relation"] = "adapter" if is_lora else "finetune"
+        meta["base_model_relation"] = "adapter" if adapter else "finetune"
     if data_hub:
         meta["datasets"] = [data_hub]
     scored = ["validation"] + (["test"] if recipe.data.splits.test else [])
@@ -219,16 +221,17 @@ def _header(recipe: Recipe, metrics: Mapping[str, Any], data_hub: str | None, pi
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
 
 
-def _load_snippet(recipe: Recipe, pipeline_task: str, merged: bool) -> str:
-    token_task = recipe.task == "token_classification"
-    kind = "TokenClassification" if token_task else "SequenceClassification"
+def _load_snippet(recipe: RecipeConfig, pipeline_task: str, merged: bool) -> str:
+    task = TASKS[recipe.task]
+    kind = task.auto_class_name.removeprefix("AutoModelFor")
     # the token-classification pipeline truncates at model_max_length by itself; text-classification
     # truncates only when asked, and transformers offers no saved setting that turns it on
-    truncation = "" if token_task else ", truncation=True"
+    truncation = ("" if task.words else ", truncation=True") + task.pipeline_options
     example = "classify({'text': 'first text', 'text_pair': 'second text'})" if recipe.data.columns.text_pair \
-        else ("classify('Paris is lovely')" if token_task else "classify('a sentence to classify')")
+        else ("classify('Paris is lovely')" if task.words else "classify('a sentence to classify')")
     folder = "Run this from this folder, or replace `\".\"` with the folder's path"
-    if recipe.policy.kind != "lora":
+    policy = policy_of(recipe)
+    if not policy.adapter:
         return f"""```python
 import finetune  # registers the architecture (or pass trust_remote_code=True)
 from transformers import pipeline
@@ -237,6 +240,8 @@ classify = pipeline("{pipeline_task}", model="."{truncation})
 ```
 
 {folder}."""
+    also = (f'`AutoPeftModelFor{kind}.from_pretrained(".")` and `pipeline("{pipeline_task}", model="."{truncation})`'
+            f"\nwork" if policy.transformers_loads else f'`AutoPeftModelFor{kind}.from_pretrained(".")` works')
     text = f"""```python
 import finetune  # registers the architecture
 from transformers import AutoModelFor{kind}, AutoTokenizer
@@ -246,10 +251,15 @@ tokenizer = AutoTokenizer.from_pretrained(".")  # call it with truncation=True
 ```
 
 {folder} (and `"base"` with its `base/`). This works wherever the folder is.
-`AutoPeftModelFor{kind}.from_pretrained(".")` and `pipeline("{pipeline_task}", model="."{truncation})`
-work too, but only until the folder is moved: `adapter_config.json` names `base/` by its absolute path,
+{also} too, but only until the folder is moved: `adapter_config.json` names `base/` by its absolute path,
 because peft resolves `base_model_name_or_path` against the current directory or the hub, never against
 the adapter's folder."""
+    if not policy.transformers_loads:
+        text += f"""
+
+`pipeline("{pipeline_task}", model=".")` does not load this adapter whole (transformers' own adapter loader
+leaves some trained {recipe.policy.kind} weights at their initial values); give it the model loaded above:
+`pipeline("{pipeline_task}", model=model, tokenizer=tokenizer{truncation})`."""
     if merged:
         text += f"""
 
@@ -258,7 +268,7 @@ the adapter's folder."""
     return text
 
 
-def write_model_card(recipe: Recipe, run_dir: Path, metrics: dict[str, Any], trainable: int, total: int, *,
+def write_model_card(recipe: RecipeConfig, run_dir: Path, metrics: dict[str, Any], trainable: int, total: int, *,
                      rows: Mapping[str, SplitRows] | None = None, extra: str = "") -> None:
     """README.md: Hugging Face metadata, what was trained on what, the scores with the rows they
     were computed on, and how to load the model.
@@ -267,9 +277,10 @@ def write_model_card(recipe: Recipe, run_dir: Path, metrics: dict[str, Any], tra
     what the recipe allows.
     ``extra``: markdown appended at the end (e.g. a pruning report).
     """
-    is_lora = recipe.policy.kind == "lora"
-    token_task = recipe.task == "token_classification"
-    pipeline_task = "token-classification" if token_task else "text-classification"
+    policy = policy_of(recipe)
+    detail = policy.describe(recipe)
+    task = TASKS[recipe.task]
+    pipeline_task = task.pipeline_task
     source, data_hub = _data_source(recipe)
     rows = rows or {}
     max_length = recipe.data.max_length
@@ -283,11 +294,12 @@ def write_model_card(recipe: Recipe, run_dir: Path, metrics: dict[str, Any], tra
         return f"- {_split_name(recipe, split)}: {_rows_text(recipe, split, rows.get(split))}"
 
     splits = "\n".join(split_line(s) for s in ("train", "validation", "test") if s != "test" or recipe.data.splits.test)
-    pipeline_note = "" if token_task else (
+    pipeline_note = "" if task.words else (
         " The text-classification pipeline truncates only when passed `truncation=True` (transformers has no saved"
         " setting for it); without it, longer inputs are read whole and scored unlike in training.")
+    pipeline_note += f" {task.card_note}" if task.card_note else ""
     report = " What was read, dropped and truncated is in `data_report.json`." \
-        if (run_dir / "data_report.json").is_file() else ""
+        if (run_dir / runs.DATA_REPORT).is_file() else ""
     if recipe.data.splits.test and _numbers(metrics.get("test")):
         test = (f"Scored once, with the exported weights. Test split: "
                 f"{_rows_text(recipe, 'test', rows.get('test'))}.\n\n{table('test')}")
@@ -305,7 +317,7 @@ Fine-tuned with finetune (this project) from `{recipe.backbone.name}`
 |---|---|
 | task | {recipe.task} |
 | head | {recipe.head.type}, pooling {recipe.head.pooling}, dropout {recipe.head.dropout} |
-| policy | {recipe.policy.kind}{f" (rank {recipe.policy.lora.rank}, alpha {recipe.policy.lora.alpha})" if is_lora else ""} |
+| policy | {recipe.policy.kind}{f" ({detail})" if detail else ""} |
 | trainable parameters | {trainable:,} of {total:,} |
 | data | {source} |
 | truncation | {max_length} tokens (`data.max_length`) |
@@ -332,7 +344,7 @@ The evaluation that chose the exported weights, so its score is optimistic. Vali
 
 ## Load
 
-{_load_snippet(recipe, pipeline_task, merged=is_lora and (run_dir / "merged").is_dir())}
+{_load_snippet(recipe, pipeline_task, merged=policy.adapter and (run_dir / "merged").is_dir())}
 
 `finetune predict --model . --input FILE` gives the same predictions. The full recipe is in `recipe.yaml`.
 """

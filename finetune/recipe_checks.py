@@ -85,8 +85,27 @@ class Unused:
     flagged: Callable[[Any], bool] = lambda value: True
 
 
+# mirrors finetune.policies (which this layer must not import); tests/test_policies.py keeps them in step
+ADAPTER_KINDS = ("lora", "ia3", "dora")
+"""Kinds whose ``Policy.adapter`` is true: saved as adapter + base/, ``output.merge_lora`` writes merged/."""
+LORA_KINDS = ("lora", "dora")
+"""Kinds that read ``policy.lora``."""
+
+
 def _lora_idle(r) -> str | None:
-    return None if r.policy.kind == "lora" else f"policy.kind={r.policy.kind} (LoRA settings apply only with kind=lora)"
+    kind = r.policy.kind
+    return None if kind in LORA_KINDS else f"policy.kind={kind} (LoRA settings apply only with kind=lora or dora)"
+
+
+def _ia3_idle(r) -> str | None:
+    kind = r.policy.kind
+    return None if kind == "ia3" else f"policy.kind={kind} ((IA)³ settings apply only with kind=ia3)"
+
+
+def _merge_idle(r) -> str | None:
+    kind = r.policy.kind
+    return None if kind in ADAPTER_KINDS else \
+        f"policy.kind={kind} (a merged model is written only for adapters: kind={'/'.join(ADAPTER_KINDS)})"
 
 
 def _freeze_idle(r) -> str | None:
@@ -110,6 +129,11 @@ def _cache_idle(r) -> str | None:
               "freeze_embeddings=true and freeze_layers > 0)")
 
 
+def _multi_label_idle(r) -> str | None:
+    return None if r.task == "multi_label_classification" else \
+        f"task={r.task} (label sets and per-label thresholds apply only with task=multi_label_classification)"
+
+
 def _prune_idle(*methods: str) -> Callable[[Any], str | None]:
     def idle(r) -> str | None:
         if r.prune.method in methods:
@@ -131,11 +155,15 @@ SWITCH_CACHE = ("policy.kind", "policy.freeze_embeddings", "policy.freeze_layers
 UNUSED: list[Unused] = [
     *(Unused(f"policy.lora.{field}", ("policy.kind",), _lora_idle)
       for field in ("rank", "alpha", "dropout", "target_modules")),
+    *(Unused(f"policy.ia3.{field}", ("policy.kind",), _ia3_idle)
+      for field in ("target_modules", "feedforward_modules", "exclude_modules")),
     *(Unused(f"policy.{field}", ("policy.kind",), _freeze_idle) for field in ("freeze_embeddings", "freeze_layers")),
     Unused("train.cache_features", SWITCH_CACHE, _cache_idle, flagged=lambda value: value is True),
-    Unused("output.merge_lora", ("policy.kind",), _lora_idle, flagged=lambda value: value is True),
+    Unused("output.merge_lora", ("policy.kind",), _merge_idle, flagged=lambda value: value is True),
     Unused("head.hidden_size", ("head.type",),
            lambda r: None if r.head.type == "mlp" else f"head.type={r.head.type} (the width of the MLP head)"),
+    *(Unused(key, ("task",), _multi_label_idle)
+      for key in ("data.label_separator", "eval.threshold", "eval.tune_thresholds")),
     Unused("data.max_test_samples", ("data.splits.test",),
            lambda r: None if r.data.splits.test is not None else "data.splits.test=null (no test split is read)"),
     Unused("prune.sparsity", ("prune.method",), _prune_idle("magnitude")),

@@ -132,10 +132,26 @@ def _syntax_error(path: Path, err: yaml.MarkedYAMLError) -> str:
 
 # --- recipe files and their bases ----------------------------------------------------------
 
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "recipes"
+"""The shipped recipes (the ``recipes`` package lists them as functions; ``base:`` may name them)."""
+
+
+def shipped_recipes() -> list[str]:
+    return sorted(path.stem for path in SHIPPED_DIR.glob("*.yaml"))
+
+
+def shipped_path(name: str) -> Path | None:
+    """The shipped recipe called ``name`` (``sst2_minilm_lora`` or ``sst2_minilm_lora.yaml``), or None."""
+    stem = name.removesuffix(".yaml")
+    if not stem or Path(stem).name != stem:  # a plain name, never a path out of this folder
+        return None
+    path = SHIPPED_DIR / f"{stem}.yaml"
+    return path if path.is_file() else None
+
 
 def read_recipe_file(path: str | Path, _seen: tuple[Path, ...] = (), origins: Origins | None = None) -> dict[str, Any]:
-    """The raw mapping of a recipe file. ``base: NAME_OR_PATH`` (a file next to this one, or a
-    shipped recipe) is read first and this file's sections are merged over it, key by key.
+    """The raw mapping of a recipe file. ``base: NAME_OR_PATH`` (a file next to this one, a path, or a
+    shipped recipe's name) is read first and this file's sections are merged over it, key by key.
     ``origins``, when given, records the file, line and base depth of each dotted key (the nearest file's).
 
     Raises:
@@ -167,17 +183,14 @@ def read_recipe_file(path: str | Path, _seen: tuple[Path, ...] = (), origins: Or
 
 
 def _base_path(path: Path, base: Any, at: str, seen: tuple[Path, ...]) -> Path:
-    """The file ``base:`` names: next to the recipe, a path, or a shipped recipe name (with or without .yaml)."""
+    """The file ``base:`` names: next to the recipe, a path, or a shipped recipe's name."""
     if not isinstance(base, str) or not base.strip():
         raise RecipeError(f"{at}: base: must name a recipe file or a shipped recipe, got {base!r}")
     found = next((p for p in (path.parent / base, Path(base).expanduser()) if p.is_file()), None)
+    found = found or shipped_path(base)
     if found is None:
-        import recipes  # shipped recipe names (lazy: the recipes package imports this module)
-
-        found = recipes.shipped_path(base)
-        if found is None:
-            raise RecipeError(f"{at}: base: {base!r} is neither a file next to {path.name} nor a shipped recipe "
-                              f"({', '.join(recipes.available())})")
+        raise RecipeError(f"{at}: base: {base!r} is neither a file next to {path.name} nor a shipped recipe "
+                          f"({', '.join(shipped_recipes())})")
     chain = (*seen, path.resolve())
     if found.resolve() in chain:
         names = " -> ".join(p.name for p in (*chain, found.resolve()))

@@ -13,7 +13,7 @@ written by ``finetune.publish``.
       label_map.json         id -> label
       README.md              model card
       config.json, model.safetensors, modeling_finetune.py, tokenizer files   (full / head_only / freeze)
-      adapter_config.json, adapter_model.safetensors, base/                   (lora; merged/ with merge_lora)
+      adapter_config.json, adapter_model.safetensors, base/                   (lora, dora, ia3; merged/ with merge_lora)
       checkpoints/last/      resumable training state;  checkpoints/last/best.safetensors  best trainable weights
       pruned/, pruned-*/     pruned runs;  <recipe name>/, .aim/  tracker logs (output.report_to)
       .lock                  held (flock) while a run writes here
@@ -28,42 +28,57 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import shlex
 import shutil
 import socket
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 
-from finetune.config import DataConfig, Recipe
+from finetune.config import RecipeConfig
+from finetune.durable import (  # noqa: F401  (re-exported: run-folder code writes through these)
+    atomic_write_text,
+    new_file_mode,
+    publish_files,
+    recover_dir,
+    replace_dir,
+    settle,
+    sync,
+)
 from finetune.errors import RunFolderError
 
 # --- the layout: every name finetune writes into a run folder -----------------------------
 
 LOCK_FILE = ".lock"
+RECIPE = "recipe.yaml"
+LOG = "train.log"
+HISTORY = "metrics.jsonl"  # one line per evaluation
+METRICS = "metrics.json"  # the final metrics: a run that has them finished
+DATA_REPORT = "data_report.json"
 DATA_FINGERPRINT = "data_fingerprint.json"
-CHECKPOINT = Path("checkpoints") / "last"
+LABEL_MAP = "label_map.json"
+MODEL_REMOVED = "MODEL_REMOVED.txt"  # a sweep removed this trial's model to save disk
+CHECKPOINTS = "checkpoints"
+CHECKPOINT = Path(CHECKPOINTS) / "last"
+BEST_WEIGHTS = "best.safetensors"  # inside CHECKPOINT: the best evaluation's trainable weights
+WEIGHTS = ("model.safetensors", "adapter_model.safetensors")  # an exported model: full, or an adapter
 TEMPORARY = (".*.tmp", ".*.old")  # written aside, then moved into place
 MODEL_FILES = ("config.json", "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
                "generation_config.json", "modeling_finetune.py", "label_map.json", "tokenizer*", "vocab.*",
                "merges.txt", "special_tokens_map.json", "added_tokens.json", "spiece.model", "sentencepiece.bpe.model",
                "chat_template.*", "README.md", *TEMPORARY)
-RUN_FILES = (*MODEL_FILES, "recipe.yaml", "train.log", "metrics.jsonl", "metrics.json", "data_report.json",
-             DATA_FINGERPRINT, "adapter_config.json", "adapter_model.safetensors", "prune_report.json",
-             "prune_report.md", "MODEL_REMOVED.txt", "sweep_trial.json", LOCK_FILE)
+RUN_FILES = (*MODEL_FILES, RECIPE, LOG, HISTORY, METRICS, DATA_REPORT, DATA_FINGERPRINT, "adapter_config.json",
+             "adapter_model.safetensors", "prune_report.json", "prune_report.md", MODEL_REMOVED, "sweep_trial.json",
+             LOCK_FILE)
+KEPT_WITHOUT_MODEL = {RECIPE, LOG, HISTORY, METRICS, "README.md", LABEL_MAP}  # what remove_model leaves
 # folder name -> what it holds: "model" (MODEL_FILES), "run" (a run folder), None (a library's own files)
-RUN_FOLDERS = {"checkpoints": None, "base": "model", "merged": "model", "pruned": "run", "pruned-*": "run",
+RUN_FOLDERS = {CHECKPOINTS: None, "base": "model", "merged": "model", "pruned": "run", "pruned-*": "run",
                ".aim": None, ".*.tmp": None, ".*.old": None}
 
 
@@ -75,8 +90,9 @@ class RunResult:
     """Final metrics: {'validation': {...best evaluation...}, 'test': {...}, ...}."""
     best_step: int
     """Optimizer step of the best evaluation."""
-    best_checkpoint: Path
-    """Trainable weights of the best evaluation (the exported model equals them)."""
+    best_checkpoint: Path | None
+    """Trainable weights of the best evaluation in checkpoints/last (the exported model equals them); None once
+    output.keep=model removed the checkpoint."""
     history: list[dict[str, Any]] = field(default_factory=list)
     """Every evaluation, as in metrics.jsonl."""
 
@@ -185,15 +201,16 @@ def open_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> tuple[RunFolde
 def _claim(run_dir: Path, resume: bool, overwrite: bool) -> str:
     recover_dir(run_dir / CHECKPOINT)
     resumable = (run_dir / CHECKPOINT / "train_state.json").is_file()
-    finished = (run_dir / "metrics.json").is_file()
-    started = (run_dir / "recipe.yaml").is_file()
+    finished = (run_dir / METRICS).is_file()
+    started = (run_dir / RECIPE).is_file()
     entries = [p.name for p in sorted(run_dir.iterdir())
                if p.name != LOCK_FILE and not any(fnmatchcase(p.name, t) for t in TEMPORARY)]
     if resume and resumable:
         return "resume"
     if resume and finished:
-        raise RunFolderError(f"--resume: {run_dir} holds a finished run without checkpoints/last: nothing to resume; "
-                             "pass --overwrite instead to train it again")
+        raise RunFolderError(f"--resume: {run_dir} holds a finished run without checkpoints/last (output.keep=model "
+                             "removes it once a run finishes; output.keep=model+checkpoint keeps it): nothing to "
+                             "resume; pass --overwrite instead to train it again")
     if not entries:
         if resume:
             raise RunFolderError(f"--resume: {run_dir} is empty: no checkpoints/last to resume from; drop --resume "
@@ -239,9 +256,38 @@ def train_command(run_dir: Path, *extra: str) -> str:
     return " ".join(["finetune train --recipe", shlex.quote(str(run_dir / "recipe.yaml")), *extra])
 
 
-def check_same_recipe(run_dir: Path, recipe: Recipe) -> None:
+HOME = "FINETUNE_HOME"
+
+
+def output_home() -> Path:
+    """Where runs/, sweeps/ and ensembles/ go when no folder is named: $FINETUNE_HOME, else the current
+    folder (set it once, and the same command run from two places keeps its results together)."""
+    return Path(os.environ.get(HOME) or ".").expanduser()
+
+
+def has_model(run_dir: Path) -> bool:
+    """A finished run whose model is still there (a sweep may have removed it to save disk)."""
+    return (run_dir / LABEL_MAP).is_file() and not (run_dir / MODEL_REMOVED).exists()
+
+
+def remove_checkpoints(run_dir: Path) -> None:
+    """The exported model is the best checkpoint; the resumable state isn't needed once a run ends."""
+    shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
+
+
+def remove_model(run_dir: Path, reason: str) -> None:
+    """Delete a finished run's model files, keeping its recipe, log, metrics and card, and say why."""
+    if not run_dir.is_dir() or (run_dir / MODEL_REMOVED).exists():
+        return
+    for item in run_dir.iterdir():
+        if item.name not in KEPT_WITHOUT_MODEL and not item.name.startswith("seed-"):
+            shutil.rmtree(item) if item.is_dir() else item.unlink()
+    (run_dir / MODEL_REMOVED).write_text(f"The model files were removed to save disk: {reason}.\n")
+
+
+def check_same_recipe(run_dir: Path, recipe: RecipeConfig) -> None:
     """A resumed run must continue the same recipe, or its checkpoints would mean something else."""
-    saved = Recipe.from_yaml(run_dir / "recipe.yaml").to_dict()
+    saved = RecipeConfig.from_yaml(run_dir / "recipe.yaml").to_dict()
     current = recipe.to_dict()
     saved["output"] = current["output"]  # where and how results are written doesn't change the training
     changed = [f"{section}.{key}" for section in current if isinstance(current[section], dict)
@@ -250,63 +296,6 @@ def check_same_recipe(run_dir: Path, recipe: Recipe) -> None:
     if changed:
         raise RunFolderError(f"--resume: the recipe differs from the one this run started with ({', '.join(changed)}); "
                              "resume with the same settings, or start a new run")
-
-
-# --- the data a run started with ------------------------------------------------------------
-
-FULL_HASH_BYTES = 256 << 20  # larger files: 64 samples of 1 MiB, with size and mtime
-
-
-def data_fingerprint(cfg: DataConfig) -> dict[str, dict[str, Any]]:
-    """Per local data file (a mirror's or this project's copy included; none for a hub data set): size,
-    mtime and a content hash (blake2b reads ~1 GB/s: 60k rows take ~20 ms)."""
-    from finetune.sources import local_files
-
-    prints = {}
-    for path in local_files(cfg):
-        stat, digest = path.stat(), hashlib.blake2b(digest_size=16)
-        whole = stat.st_size <= FULL_HASH_BYTES
-        with open(path, "rb") as f:
-            if whole:
-                while chunk := f.read(1 << 20):
-                    digest.update(chunk)
-            else:
-                for i in range(64):
-                    f.seek(i * (stat.st_size - (1 << 20)) // 63)
-                    digest.update(f.read(1 << 20))
-        prints[str(path)] = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                             "blake2b": digest.hexdigest(), "whole_file": whole}
-    return prints
-
-
-def check_same_data(run_dir: Path, current: dict[str, dict[str, Any]]) -> bool:
-    """Refuse to resume on data that changed since the run started; False when the run recorded none.
-
-    Raises:
-        RunFolderError: naming the first changed, missing or new data file.
-    """
-    try:
-        saved = json.loads((run_dir / DATA_FINGERPRINT).read_text())
-    except (OSError, ValueError):  # an older run, or a damaged record: the caller says it could not check
-        return False
-    way_out = ("a resumed run must see the data it started with: restore it, or start a new run with "
-               f"{train_command(run_dir, '--overwrite')}")
-    for path in sorted(set(saved) | set(current)):
-        before, now = saved.get(path), current.get(path)
-        if before is None:
-            raise RunFolderError(f"--resume: the data is now read from {path}, which this run did not start "
-                                 f"with; {way_out}")
-        if now is None:
-            raise RunFolderError(f"--resume: data file {path} is gone or no longer read; {way_out}")
-        if before["size"] != now["size"]:
-            change = f"{before['size']} bytes then, {now['size']} now"
-        elif before["blake2b"] != now["blake2b"] or (not before["whole_file"]
-                                                     and before["mtime_ns"] != now["mtime_ns"]):
-            change = "same size, different contents"
-        else:
-            continue
-        raise RunFolderError(f"--resume: data file {path} changed since this run started ({change}); {way_out}")
-    return True
 
 
 def check_output_folder(path: str | Path, flag: str) -> None:
@@ -359,130 +348,3 @@ def folder_errors(run_dir: Path) -> Iterator[None]:
                                                    if checkpoint_step(run_dir) is not None else "")
         raise RunFolderError(f"run folder {run_dir}: {err.filename or run_dir}: {err.strerror}; "
                              f"{FOLDER_ERRNOS[err.errno]}{stopped}") from None
-
-
-def new_file_mode() -> int:
-    """The mode a plain new file gets under this process's umask (safetensors writes 0600)."""
-    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("Umask:"):
-                return 0o666 & ~int(line.split()[1], 8)
-    mask = os.umask(0o022)  # no /proc: read it the only other way there is
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _sync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def settle(path: Path, mode: int | None = None) -> None:
-    """Give a file (or every file of a folder) the folder's usual mode and flush it to disk, folders too."""
-    mode = new_file_mode() if mode is None else mode
-    if not path.is_dir():
-        if path.stat().st_mode & 0o777 != mode:
-            os.chmod(path, mode)
-        _sync(path)
-        return
-    for root, _, files in os.walk(path):
-        for name in files:
-            if not os.path.islink(os.path.join(root, name)):
-                settle(Path(root, name), mode)
-        _sync(Path(root))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _sync(path.parent)
-
-
-def recover_dir(final: Path) -> None:
-    """Finish an interrupted ``replace_dir``: if only the previous copy is left, put it back."""
-    old = final.with_name(f".{final.name}.old")
-    if not final.exists() and old.is_dir():
-        os.replace(old, final)
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a fully written (and flushed) folder into place, replacing an older one."""
-    settle(tmp)
-    old = final.with_name(f".{final.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    _sync(final.parent)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def publish_files(tmp: Path, run_dir: Path) -> None:
-    """Move each file of a fully written (and flushed) folder into the run folder, then drop the folder."""
-    settle(tmp)
-    for item in tmp.iterdir():
-        os.replace(item, run_dir / item.name)
-    tmp.rmdir()
-    _sync(run_dir)
-
-
-# --- trainable weights -----------------------------------------------------------------------
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().to("cpu").contiguous().clone() for name, p in model.named_parameters() if p.requires_grad}
-
-
-def save_trainable(model: torch.nn.Module, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(trainable_state(model), str(tmp))
-    settle(tmp)
-    os.replace(tmp, path)
-    _sync(path.parent)
-
-
-def check_checkpoint_files(folder: Path) -> None:
-    """Each weight file of a checkpoint is whole, read cheaply from its ends: a .safetensors header and
-    the bytes it announces; the central directory at the end of torch's zip files (optimizer, RNG).
-
-    Raises:
-        RunFolderError: naming the damaged file.
-    """
-    for path in sorted(folder.iterdir()):
-        try:
-            if path.suffix == ".safetensors":
-                with safe_open(str(path), "pt"):
-                    pass
-            elif path.is_file() and _starts_with(path, b"PK\x03\x04"):
-                zipfile.ZipFile(path).close()
-        except (SafetensorError, zipfile.BadZipFile) as err:
-            raise RunFolderError(f"{path} is damaged or truncated ({err}); the run can't continue from it: start "
-                                 f"again with {train_command(folder.parent.parent, '--overwrite')}") from None
-
-
-def _starts_with(path: Path, magic: bytes) -> bool:
-    with open(path, "rb") as f:
-        return f.read(len(magic)) == magic
-
-
-def load_trainable(model: torch.nn.Module, path: Path) -> None:
-    try:
-        state = load_file(str(path))
-    except SafetensorError as err:
-        raise RunFolderError(f"{path} is damaged or truncated ({err})") from None
-    params = dict(model.named_parameters())
-    unknown = [k for k in state if k not in params]
-    if unknown:
-        raise RunFolderError(f"checkpoint {path} does not match the model (unknown parameter {unknown[0]})")
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value)

@@ -40,6 +40,17 @@ HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 ROLES = ("train", "validation", "test")
 
 
+EXTENSIONS = {".tsv": "tsv", ".csv": "csv", ".json": "json", ".jsonl": "jsonl", ".parquet": "parquet"}
+DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+
+def expand_path(path: str) -> str:
+    """Expand ``${FINETUNE_DATA_DIR}`` (default ../shared/data beside the repo), other $VARS and ~."""
+    data_dir = os.environ.get("FINETUNE_DATA_DIR", str(DEFAULT_DATA_DIR))
+    path = path.replace("${FINETUNE_DATA_DIR}", data_dir).replace("$FINETUNE_DATA_DIR", data_dir)
+    return os.path.expanduser(os.path.expandvars(path))
+
+
 @dataclass(frozen=True)
 class Copy:
     """A local copy of a hub data set, shown under the hub's split and column names."""
@@ -95,8 +106,6 @@ class Source:
 
 def data_dir() -> Path:
     """${FINETUNE_DATA_DIR}: this project's data copies (default ../shared/data next to the repo)."""
-    from finetune.data import expand_path
-
     return Path(expand_path("${FINETUNE_DATA_DIR}"))
 
 
@@ -105,8 +114,6 @@ def _mirror_key(cfg: DataConfig) -> str:
 
 
 def _folder_kind(folder: Path, split: str) -> Literal["files", "saved", "repo"]:
-    from finetune.data import EXTENSIONS
-
     if (folder / "dataset_dict.json").is_file():
         return "saved"
     if any((folder / f"{split}{ext}").is_file() for ext in EXTENSIONS):
@@ -120,8 +127,6 @@ def locate(cfg: DataConfig) -> Source:
     Raises:
         DataError: a mirror entry names a folder that does not exist.
     """
-    from finetune.data import expand_path
-
     local = Path(expand_path(cfg.path))
     if local.exists() or not HUB_ID.fullmatch(cfg.path):  # what is not an id is a path (the loader names it)
         carve = cfg.splits.validation_from_train is not None
@@ -154,8 +159,6 @@ def describe(cfg: DataConfig) -> str:
 
 def local_files(cfg: DataConfig) -> list[Path]:
     """The local files this recipe's data is read from (e.g. to fingerprint them); [] for hub data."""
-    from finetune.data import EXTENSIONS
-
     source = locate(cfg)
     if source.folder is None or not source.folder.is_dir():
         return []

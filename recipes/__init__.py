@@ -13,9 +13,9 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
-from finetune.config import Recipe, RecipeError
-
-RECIPES_DIR = Path(__file__).resolve().parent
+from finetune import Recipe, RecipeError
+from finetune.recipe_file import SHIPPED_DIR as RECIPES_DIR
+from finetune.recipe_file import shipped_path
 
 
 def available() -> dict[str, str]:
@@ -25,15 +25,6 @@ def available() -> dict[str, str]:
         first = next((line for line in path.read_text().splitlines() if line.startswith("#")), "#")
         found[path.stem] = first.lstrip("# ").strip()
     return found
-
-
-def shipped_path(name: str) -> Path | None:
-    """The shipped recipe called ``name`` (``sst2_minilm_lora`` or ``sst2_minilm_lora.yaml``), or None."""
-    stem = name.removesuffix(".yaml")
-    if not stem or Path(stem).name != stem:  # a plain name, never a path out of this folder
-        return None
-    path = RECIPES_DIR / f"{stem}.yaml"
-    return path if path.is_file() else None
 
 
 def recipe_path(name_or_path: str) -> Path:
@@ -57,6 +48,7 @@ def recipe_path(name_or_path: str) -> Path:
 
 
 def load(name: str, *overrides: str) -> Recipe:
+    """The recipe at a path, or the shipped recipe of that name, with dotted overrides."""
     return Recipe.from_yaml(recipe_path(name), overrides=list(overrides))
 
 

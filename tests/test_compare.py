@@ -8,7 +8,8 @@ import math
 import pytest
 from conftest import tiny_recipe
 
-from finetune import Recipe, RecipeError, loop
+import finetune.compare
+from finetune import Recipe, RecipeError
 from finetune.cli import main
 from finetune.compare import (
     Variant,
@@ -121,15 +122,16 @@ def test_variant_names_and_custom_variants(tiny_backbone, sentiment_dir, tmp_pat
 def test_rerun_reuses_finished_runs_and_resumes_interrupted_ones(tiny_backbone, sentiment_dir, tmp_path, monkeypatch):
     """A second compare trains nothing; a run missing its final metrics is resumed, not restarted;
     a folder holding a different recipe is refused; --overwrite retrains."""
-    recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path, train=QUICK)
+    recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path, train=QUICK,
+                         output={"keep": "model+checkpoint"})  # the checkpoint an interrupted run would have
     first = compare(recipe, "full", tmp_path / "cmp", runs_dir=tmp_path / "weights")
     run_dir = tmp_path / "weights" / "full-seed42"
     assert not (tmp_path / "cmp" / "runs").exists() and (run_dir / "model.safetensors").is_file()
     stamp = (run_dir / "metrics.json").stat().st_mtime_ns
 
     calls = []
-    real = loop.run_recipe
-    monkeypatch.setattr(loop, "run_recipe", lambda r, **kw: calls.append(kw) or real(r, **kw))
+    real = finetune.compare.run_recipe
+    monkeypatch.setattr(finetune.compare, "run_recipe", lambda r, **kw: calls.append(kw) or real(r, **kw))
     again = compare(recipe, "full", tmp_path / "cmp", runs_dir=tmp_path / "weights")
     assert calls == [] and (run_dir / "metrics.json").stat().st_mtime_ns == stamp
     assert again.rows == first.rows

@@ -8,8 +8,9 @@ from conftest import tiny_recipe
 from pydantic import ValidationError
 
 import recipes
+from finetune import Recipe
 from finetune.backbones import default_pooling, resolve_backbone
-from finetune.config import BackboneConfig, Recipe, RecipeError, parse_override
+from finetune.config import BackboneConfig, RecipeError, parse_override
 
 SHIPPED = sorted(recipes.available())
 

@@ -11,8 +11,8 @@ from battery import refuses
 from conftest import tiny_recipe
 
 import recipes
-from finetune import features
-from finetune.config import Recipe, RecipeError, known_keys
+from finetune import Recipe, features
+from finetune.config import RecipeError, known_keys
 from finetune.recipe_checks import ALIASES, UNUSED, suggest
 from finetune.recipe_file import load_yaml
 

@@ -383,7 +383,7 @@ def test_the_cuda_loader_path_gives_the_same_batches_on_cpu(tiny_backbone, senti
     import torch
 
     from finetune import data as data_lib
-    from finetune.loop import Run
+    from finetune.run import Run
 
     run = Run(tiny_recipe(tiny_backbone, sentiment_dir, tmp_path))
     assert run.accelerator.dataloader_config.non_blocking

@@ -8,7 +8,8 @@ from conftest import tiny_recipe
 from safetensors.torch import load_file
 
 from finetune import features
-from finetune.loop import Run, train_mode
+from finetune.loop import train_mode
+from finetune.run import Run
 
 
 @pytest.fixture

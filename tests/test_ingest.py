@@ -14,8 +14,7 @@ from battery import refuses
 from conftest import SHARED_DATA, tiny_recipe
 from transformers import AutoTokenizer
 
-from finetune import ingest
-from finetune.config import Recipe
+from finetune import Recipe, ingest
 from finetune.data import label_names, load_splits, read_lines, read_table, tokenize
 from finetune.data_report import data_report, metrics_summary
 from finetune.errors import DataError

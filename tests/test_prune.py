@@ -120,6 +120,9 @@ def test_recovery_fine_tune_trains_but_keeps_the_sparsity_exact(trained, tmp_pat
     kept = recovered != 0
     assert not torch.allclose(original[kept], recovered[kept])  # it trained
     assert report["after"]["validation"]["accuracy"] >= 0.8
+    # it is the run's own lifecycle (finetune.run.train_run): evaluated, best step kept, its folder gone after
+    assert report["recovery"]["best_step"] == 12 and "accuracy" in report["recovery"]["validation"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]
 
 
 # --- heads ------------------------------------------------------------------------------------------

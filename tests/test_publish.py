@@ -14,7 +14,7 @@ import yaml
 from conftest import tiny_recipe
 
 import finetune  # noqa: F401  registers the architecture with the Auto classes
-from finetune.config import Recipe
+from finetune import Recipe
 from finetune.predict import load_run, predict
 from finetune.publish import SplitRows, write_model_card
 

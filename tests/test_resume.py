@@ -54,7 +54,8 @@ def test_resume_refuses_a_changed_recipe(tiny_backbone, sentiment_dir, tmp_path)
     """Resuming with other settings would mix two runs: it is refused, naming the changed key."""
     from finetune import RecipeError
 
-    recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path, train={"max_steps": 3, "checkpoint_every": 1})
+    recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path, train={"max_steps": 3, "checkpoint_every": 1},
+                         output={"keep": "model+checkpoint"})  # a finished run that can be resumed
     recipe.run()
     with pytest.raises(RecipeError, match=r"differs.*train\.lr"):
         recipe.with_overrides(["train.lr=1e-2"]).run(resume=True)

@@ -21,13 +21,16 @@ from battery import refuses, snapshot
 from conftest import REPO, tiny_recipe, write_tsv
 from safetensors.torch import load_file
 
-import finetune.loop
+import finetune.run
 import finetune.runs
+import finetune.weights
 from finetune.cli import main
 from finetune.errors import Interrupted, TrainingDiverged
-from finetune.runs import RunFolderLock, data_fingerprint, new_file_mode, train_command
+from finetune.fingerprint import data_fingerprint
+from finetune.runs import RunFolderLock, new_file_mode, train_command
 
 FAST = {"max_steps": 4, "eval_every": 2}  # checkpoints at steps 2 and 4
+RESUMABLE = {"keep": "model+checkpoint"}  # a finished run keeps checkpoints/last, which these tests resume or damage
 
 
 def recipe_file(recipe, folder: Path) -> Path:
@@ -40,7 +43,7 @@ def recipe_file(recipe, folder: Path) -> Path:
 def finished_run(tiny_backbone, sentiment_dir, tmp_path_factory) -> Path:
     """A finished full fine-tuning run (with checkpoints/last), copied by the tests that change it."""
     root = tmp_path_factory.mktemp("finished")
-    return tiny_recipe(tiny_backbone, sentiment_dir, root, train=FAST).run().run_dir
+    return tiny_recipe(tiny_backbone, sentiment_dir, root, train=FAST, output=RESUMABLE).run().run_dir
 
 
 @pytest.fixture()
@@ -48,7 +51,7 @@ def copied_run(finished_run, tiny_backbone, sentiment_dir, tmp_path) -> tuple[Pa
     """(recipe file, run folder): a copy of the finished run and the recipe that made it, pointing at the copy."""
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run, run_dir)
-    recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path, train=FAST)
+    recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path, train=FAST, output=RESUMABLE)
     return recipe_file(recipe, tmp_path), run_dir
 
 
@@ -91,7 +94,7 @@ def test_resume_and_overwrite_together_are_refused(capsys, copied_run, tmp_path)
 def test_resume_refuses_changed_data_naming_the_file(capsys, tiny_backbone, sentiment_dir, tmp_path, change):
     data = tmp_path / "data"
     shutil.copytree(sentiment_dir, data)
-    recipe = tiny_recipe(tiny_backbone, data, tmp_path, data={"path": str(data)}, train=FAST)
+    recipe = tiny_recipe(tiny_backbone, data, tmp_path, data={"path": str(data)}, train=FAST, output=RESUMABLE)
     path = recipe_file(recipe, tmp_path)
     recipe.run()
     lines = (data / "train.tsv").read_bytes().splitlines(keepends=True)
@@ -111,9 +114,9 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_with_the_same_com
     """kill -9 while training: the folder keeps a stale lock, recipe.yaml and train.log, no checkpoint."""
     recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path, train=FAST)
     path, run_dir, marker = recipe_file(recipe, tmp_path), tmp_path / "run", tmp_path / "training"
-    code = (f"import time, pathlib, finetune.loop\n"
+    code = (f"import time, pathlib, finetune.run\n"
             f"def hang(self):\n    pathlib.Path({str(marker)!r}).write_text('')\n    time.sleep(600)\n"
-            f"finetune.loop.Run.train = hang\n"
+            f"finetune.run.Run.train = hang\n"
             f"from finetune.cli import main\nmain(['train', '--recipe', {str(path)!r}])\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
@@ -141,7 +144,7 @@ def test_ctrl_c_before_the_first_checkpoint_is_one_line_and_resume_starts_afresh
     def interrupt(self):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(finetune.loop.Run, "save_checkpoint", interrupt)
+    monkeypatch.setattr(finetune.run.Run, "save_checkpoint", interrupt)
     with pytest.raises(Interrupted) as info:
         recipe.run()
     message = str(info.value)
@@ -159,14 +162,14 @@ def test_ctrl_c_after_a_checkpoint_names_it_and_the_printed_command_resumes(tiny
                                                                             monkeypatch):
     recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path, train=FAST)
     run_dir = tmp_path / "run"
-    real_save = finetune.loop.Run.save_checkpoint
+    real_save = finetune.run.Run.save_checkpoint
 
     def save_then_interrupt(self):
         real_save(self)
         if self.state.global_step == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(finetune.loop.Run, "save_checkpoint", save_then_interrupt)
+    monkeypatch.setattr(finetune.run.Run, "save_checkpoint", save_then_interrupt)
     with pytest.raises(Interrupted) as info:
         recipe.run()
     monkeypatch.undo()
@@ -234,7 +237,7 @@ def test_a_full_disk_while_checkpointing_names_the_path(capsys, tiny_backbone, s
     def disk_full(tensors, filename, *args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
 
-    monkeypatch.setattr(finetune.runs, "save_file", disk_full)
+    monkeypatch.setattr(finetune.weights, "save_file", disk_full)
     recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path, train=FAST)
     message = refuses(capsys, ["train", "--recipe", str(recipe_file(recipe, tmp_path))],
                       [str(tmp_path / "run" / "checkpoints"), "best.safetensors", "no space left", "free some disk space"])
@@ -246,7 +249,7 @@ def test_a_full_disk_while_checkpointing_names_the_path(capsys, tiny_backbone, s
 
 def test_weight_files_get_the_same_permissions_as_the_other_files(tiny_backbone, sentiment_dir, tmp_path):
     recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path, train={"max_steps": 2, "eval_every": 1},
-                         policy={"kind": "lora"}, output={"dir": str(tmp_path / "run"), "merge_lora": True})
+                         policy={"kind": "lora"}, output={"dir": str(tmp_path / "run"), "merge_lora": True, **RESUMABLE})
     run_dir = recipe.run().run_dir
     weights = sorted(run_dir.rglob("*.safetensors"))
     assert {w.relative_to(run_dir).as_posix() for w in weights} >= {
@@ -259,7 +262,8 @@ def test_weight_files_get_the_same_permissions_as_the_other_files(tiny_backbone,
 
 
 def test_fp16_on_cpu_is_recorded_as_what_ran(tiny_backbone, sentiment_dir, tmp_path):
-    recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path, train={**FAST, "mixed_precision": "fp16"})
+    recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path, train={**FAST, "mixed_precision": "fp16"},
+                         output=RESUMABLE)
     first = recipe.run()
     assert yaml.safe_load((first.run_dir / "recipe.yaml").read_text())["train"]["mixed_precision"] == "no"
     assert "fp16 has no effect on CPU" in (first.run_dir / "train.log").read_text()

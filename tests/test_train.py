@@ -12,7 +12,7 @@ from conftest import tiny_recipe, write_tsv
 from safetensors.torch import load_file
 
 from finetune import RecipeError
-from finetune.loop import TrainingDiverged
+from finetune.errors import TrainingDiverged
 from finetune.predict import evaluate_run
 
 
@@ -222,7 +222,8 @@ def test_overwrite_never_deletes_a_folder_that_is_not_a_run(tiny_backbone, senti
 def test_run_in_the_default_folder_can_be_resumed_by_naming_it(tiny_backbone, sentiment_dir, tmp_path, monkeypatch):
     """Without output.dir the run goes to runs/<name>-<time>; the saved recipe records it, so resume works."""
     monkeypatch.chdir(tmp_path)
-    recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path, output={"dir": None}, train={"max_steps": 3})
+    recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path, output={"dir": None, "keep": "model+checkpoint"},
+                         train={"max_steps": 3})
     result = recipe.run()
     assert result.run_dir.parent == Path("runs") and result.run_dir.name.startswith("tiny-")
     again = recipe.with_overrides([f"output.dir={result.run_dir}"]).run(resume=True)
@@ -260,3 +261,29 @@ def test_torch_compile_trains_to_the_same_weights_as_eager(tiny_backbone_without
     assert eager_weights.keys() == compiled_weights.keys()  # no _orig_mod. prefixes in the exported files
     for name, value in eager_weights.items():
         torch.testing.assert_close(compiled_weights[name], value, atol=1e-4, rtol=1e-3)
+
+
+def test_head_lr_gives_the_head_its_own_learning_rate(tiny_backbone, sentiment_dir, tmp_path):
+    """train.head_lr: the classifier's parameters (and only they) get it; the schedule scales both alike."""
+    from transformers import get_scheduler
+
+    from finetune.backbones import build_model
+    from finetune.loop import make_optimizer
+
+    recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path, train={"lr": 1e-4}).with_overrides(
+        ["train.head_lr=1e-2"])  # a dotted key like any other, so a sweep can search it
+    model = build_model(recipe, tiny_backbone, ["negative", "positive"])
+    optimizer = make_optimizer(model, recipe)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        heads = {names[id(p)].startswith("classifier.") for p in group["params"]}
+        assert heads == ({group["lr"] == 1e-2} if group["params"] else set())
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=10)
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+    lrs = {round(g["lr"] / 1e-4, 6) for g in optimizer.param_groups}
+    assert lrs == {0.7, 70.0}
+    plain = make_optimizer(model, tiny_recipe(tiny_backbone, sentiment_dir, tmp_path, train={"lr": 1e-4}))
+    assert [g["lr"] for g in plain.param_groups] == [1e-4, 1e-4]  # without it: the two groups of before

@@ -41,6 +41,10 @@ REGISTRY.update(
     entity_f1=MetricSpec("seqeval", {}, "overall_f1", ("token_classification",)),
     entity_precision=MetricSpec("seqeval", {}, "overall_precision", ("token_classification",)),
     entity_recall=MetricSpec("seqeval", {}, "overall_recall", ("token_classification",)),
+    # multi-hot rows (finetune.tasks.multi_label); named apart from the single-label f1_micro/f1_macro
+    multilabel_f1_micro=MetricSpec("multilabel", {}, "f1_micro", ("multi_label_classification",)),
+    multilabel_f1_macro=MetricSpec("multilabel", {}, "f1_macro", ("multi_label_classification",)),
+    exact_match=MetricSpec("multilabel", {}, "exact_match", ("multi_label_classification",)),
 )
 
 # Only consulted for hub metrics: every shipped metric is higher-is-better.
@@ -58,6 +62,7 @@ DEFAULTS = {
     "classification": ["accuracy", "f1_macro"],
     "regression": ["pearson", "spearman"],
     "token_classification": ["entity_f1", "entity_precision", "entity_recall"],
+    "multi_label_classification": ["multilabel_f1_micro", "multilabel_f1_macro", "exact_match"],
 }
 """Metrics a recipe gets when it names none; the first is the primary one."""
 
@@ -68,7 +73,7 @@ def available_metrics() -> list[str]:
 
 
 def greater_is_better(name: str) -> bool:
-    """Whether a higher value of metric ``name`` (or ``name/key``) is better."""
+    """Whether a higher value of metric ``name`` (or ``name/key``) is better; False for loss and other errors."""
     if name in REGISTRY:
         return True
     return not any(part in _LOWER_IS_BETTER for part in name.lower().split("/"))

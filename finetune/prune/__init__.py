@@ -23,8 +23,10 @@ Methods:
   layers     keep ``layers_kept`` encoder layers: the first ones, or by importance (greedily drop the
              layer whose removal raises validation loss least).
 
-The recovery fine-tune (``finetune_epochs``) trains every remaining weight, whatever the run's policy;
-under magnitude pruning the masks stay in place during it, so the sparsity is still exact at the end.
+The recovery fine-tune (``finetune_epochs``) is the run's own lifecycle (``finetune.run.train_run``) on
+the pruned model: every remaining weight trains, whatever the run's policy, evaluated like any run, and the
+best evaluation's weights are kept; under magnitude pruning the masks stay in place during it, so the
+sparsity is still exact at the end.
 Pruning runs in a single process (see ``check_single_process``).
 """
 

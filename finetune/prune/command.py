@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from finetune.config import PruneConfig, RecipeError
 from finetune.prune.run import prune_run, report_table
+from finetune.schema import error_key, error_problem
 
 log = logging.getLogger("finetune")
 
@@ -51,23 +52,18 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
     except ValidationError as err:
         lines = []
         for item in err.errors():
-            field = str(item["loc"][0]) if item["loc"] else ""
-            flag = FLAGS.get(field, "--method")
-            shown = f" (got {item['input']!r})" if field else ""
-            lines.append(f"{flag}: {item['msg'].removeprefix('Value error, ')}{shown}")
+            field = error_key(item)
+            problem = error_problem(item) if field else error_problem({**item, "input": {}})  # a model-level rule
+            lines.append(f"{FLAGS.get(field, '--method')}: {problem}")
         raise RecipeError("; ".join(lines)) from None  # one line: the command line prints one
 
 
 def command(args: argparse.Namespace) -> int:
+    from finetune.processes import command_logging
     from finetune.runs import check_output_folder
 
     cfg = config_from_args(args)
-    if not log.handlers:  # the training loop sets up logging; a bare command gets plain console lines
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
+    command_logging(replace=False)  # the training loop sets up logging; a bare command gets plain console lines
     output = Path(args.output) if args.output else Path(args.model) / f"pruned-{cfg.method}"
     if args.output:  # the default lies inside the run, which prune_run checks first
         check_output_folder(output, "--output")  # before scoring and pruning, not after

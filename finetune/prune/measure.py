@@ -11,13 +11,14 @@ import torch
 from torch import nn
 
 from finetune import data as data_lib
-from finetune.config import Recipe
+from finetune.config import RecipeConfig
 from finetune.inference import (
     compressed_size_bytes,
     latency_ms,
     parameter_counts,
     weights_size_bytes,
 )
+from finetune.tasks import TASKS
 
 log = logging.getLogger("finetune")
 MB = 1024 * 1024
@@ -29,20 +30,22 @@ MB = 1024 * 1024
 @dataclass
 class Bench:
     """A run's recipe and data, tokenised once, with the evaluation set-up used before and after pruning."""
-    recipe: Recipe
+    recipe: RecipeConfig
     labels: list[str] | None
     tokenizer: Any
     tokenised: Any
-    """datasets.DatasetDict: validation, test (when the recipe has one) and train (for recovery)."""
+    """datasets.DatasetDict: validation and test (when the recipe has one)."""
     texts: list
     """Validation inputs (strings, or word lists for token classification), for latency."""
     pairs: list | None
+    words: bool
+    """The inputs are word lists (token classification)."""
     accelerator: Any
     collator: Any
     metrics: Any
 
 
-def open_bench(recipe: Recipe, tokenizer, labels: list[str] | None, with_train: bool) -> Bench:
+def open_bench(recipe: RecipeConfig, tokenizer, labels: list[str] | None) -> Bench:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     from datasets import DatasetDict
@@ -51,7 +54,7 @@ def open_bench(recipe: Recipe, tokenizer, labels: list[str] | None, with_train: 
 
     raw = data_lib.load_splits(recipe.data)
     data_lib.label_names(recipe, raw)  # every label must be one the model knows
-    needed = DatasetDict({split: raw[split] for split in raw if with_train or split != "train"})
+    needed = DatasetDict({split: raw[split] for split in raw if split != "train"})
     tokenised = data_lib.tokenize(recipe, needed, tokenizer, labels)
     AcceleratorState._reset_state(reset_partial_state=False)  # one fresh state per use, as in finetune.loop.Run
     GradientState._reset_state()
@@ -60,11 +63,11 @@ def open_bench(recipe: Recipe, tokenizer, labels: list[str] | None, with_train: 
     collator = data_lib.make_collator(recipe, tokenizer, data_lib.pad_multiple(accelerator.device))
     metrics = MetricSuite(recipe.eval.metrics)
     metrics.load()
-    cols, token_task = recipe.data.columns, recipe.task == "token_classification"
-    validation = raw["validation"]
-    texts = validation[cols.tokens if token_task else cols.text]
-    pairs = validation[cols.text_pair] if cols.text_pair and not token_task else None
-    return Bench(recipe, labels, tokenizer, tokenised, texts, pairs, accelerator, collator, metrics)
+    task, validation = TASKS[recipe.task], raw["validation"]
+    columns = task.input_columns(recipe.data.columns)  # words, or a text and maybe its pair
+    texts = validation[columns[0]]
+    pairs = validation[columns[1]] if len(columns) > 1 else None
+    return Bench(recipe, labels, tokenizer, tokenised, texts, pairs, task.words, accelerator, collator, metrics)
 
 
 def evaluate_splits(model: nn.Module, bench: Bench) -> dict[str, dict]:
@@ -94,7 +97,7 @@ def measure(model: nn.Module, bench: Bench, folder: Path, repeats: int) -> dict[
         "size_mb": round(weights_size_bytes(folder) / MB, 2),
         "compressed_mb": round(compressed_size_bytes(folder) / MB, 2),
         **{f"latency_ms_batch{size}": round(latency_ms(model, bench.tokenizer, bench.texts, size, max_length,
-                                                       repeats, pairs=bench.pairs), 2)
+                                                       repeats, pairs=bench.pairs, words=bench.words), 2)
            for size in (1, 32)},
     }
 

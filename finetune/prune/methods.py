@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
-from tqdm.auto import tqdm
 
+from finetune.progress import bar
 from finetune.config import RecipeError
 from finetune.modeling import (
     attention_projections,
@@ -82,7 +82,7 @@ def head_importance(model: nn.Module, batches: list[dict]) -> list[torch.Tensor]
     scores = [torch.zeros_like(gate) for gate in gates]
     model.eval()
     try:
-        for batch in tqdm(batches, desc="head importance", leave=False):
+        for batch in bar(batches, desc="head importance", leave=False):
             grads = torch.autograd.grad(model(**batch).loss, gates)
             for score, grad in zip(scores, grads):
                 score += grad.abs()
@@ -156,7 +156,7 @@ def choose_layers(model: nn.Module, keep: int, selection: str, batches: list[dic
     steps = []
     while len(kept) > keep:
         losses = {}
-        for i in tqdm(kept, desc=f"layer importance ({len(kept)} layers)", leave=False):
+        for i in bar(kept, desc=f"layer importance ({len(kept)} layers)", leave=False):
             with only_layers(model, [j for j in kept if j != i]):
                 losses[i] = mean_loss(model, batches)
         drop = min(losses, key=losses.get)

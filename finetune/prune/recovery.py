@@ -1,72 +1,48 @@
-"""The recovery fine-tune after pruning: a short loop over the run's training data."""
+"""The recovery fine-tune after pruning: the pruned model trained by the run's own lifecycle
+(``finetune.run.train_run``), on the run's data and training settings, in a run folder of its own that is
+deleted once its model is back. Magnitude masks stay attached while it trains (``weight_orig`` trains,
+``weight_mask`` is a buffer), so the sparsity still holds at the end; the best evaluation's weights are kept.
+"""
 
 from __future__ import annotations
 
 import logging
-import math
-import time
+import shutil
+from pathlib import Path
 from typing import Any
 
 from torch import nn
-from tqdm.auto import tqdm
 
-from finetune import data as data_lib
-from finetune.config import PruneConfig
-from finetune.prune.measure import Bench
+from finetune.config import PruneConfig, RecipeConfig
+from finetune.run import train_run
 
 log = logging.getLogger("finetune")
 
 
-# --- recovery fine-tune -----------------------------------------------------------------------
-
-
-def recover(model: nn.Module, bench: Bench, cfg: PruneConfig) -> dict[str, Any]:
-    """Fine-tune every remaining weight for ``cfg.finetune_epochs`` with the run's training settings
-    (batch size, schedule, warm-up, clipping; ``finetune_lr`` or train.lr). The final weights are kept."""
-    from accelerate.utils import set_seed
-    from transformers import get_scheduler
-
-    from finetune.loop import make_optimizer
-
-    recipe, accelerator = bench.recipe, bench.accelerator
+def recover(model: nn.Module, recipe: RecipeConfig, cfg: PruneConfig, folder: Path) -> dict[str, Any]:
+    """Fine-tune every remaining weight of ``model`` (in place) for ``cfg.finetune_epochs`` with the run's
+    training settings (batch size, schedule, warm-up, clipping, evaluation) and ``finetune_lr`` or train.lr;
+    ``folder`` holds the recovery run while it trains."""
     lr = cfg.finetune_lr or recipe.train.lr
-    loader = data_lib.make_train_loader(recipe, bench.tokenised["train"], bench.collator)
-    sampler = loader.sampler
-    total = max(1, math.ceil(cfg.finetune_epochs * math.ceil(len(loader) / recipe.train.gradient_accumulation_steps)))
-    for param in model.parameters():
-        param.requires_grad_(True)
-    set_seed(recipe.train.seed)
-    optimizer = make_optimizer(model, recipe.with_overrides([f"train.lr={lr}"]))
-    scheduler = get_scheduler({"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[
-        recipe.train.scheduler], optimizer, num_warmup_steps=int(recipe.train.warmup_ratio * total),
-        num_training_steps=total)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    model.train()
-    progress = tqdm(total=total, desc="recovery fine-tune", leave=False)
-    step, epoch, started = 0, 0, time.perf_counter()
-    while step < total:
-        loader.set_epoch(epoch)
-        sampler.set_epoch(epoch)
-        for batch in loader:
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and recipe.train.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), recipe.train.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            if accelerator.sync_gradients:
-                scheduler.step()
-                step += 1
-                progress.update(1)
-                if step % recipe.train.log_every == 0:
-                    progress.set_postfix(loss=f"{loss.item():.4f}")
-                if step >= total:
-                    break
-        epoch += 1
-    progress.close()
-    seconds = time.perf_counter() - started
-    log.info("recovery fine-tune: %d steps, lr %.2e, %.1f s, last loss %.4f", step, lr, seconds, loss.item())
-    return {"epochs": cfg.finetune_epochs, "lr": lr, "steps": step, "seconds": round(seconds, 1)}
-
-
+    # a policy's own keys (lora:, merge_lora) fall back to their defaults under kind=full, as for any override
+    settings = recipe.with_overrides([
+        "policy.kind=full", "prune.method=none", "train.max_steps=", f"train.epochs={cfg.finetune_epochs}",
+        f"train.lr={lr}", f"output.dir={folder}", "output.overwrite=true", "output.keep=model", "output.report_to=[]",
+        *(["eval.tune_thresholds=false"] if recipe.eval.tune_thresholds else [])])
+    handlers = list(log.handlers)  # the run's own logging replaces these; the pruning's log goes on after it
+    try:
+        result = train_run(settings, model=model)
+    finally:
+        for handler in list(log.handlers):
+            if handler not in handlers:
+                handler.close()
+                log.removeHandler(handler)
+        for handler in handlers:
+            if handler not in log.handlers:
+                log.addHandler(handler)
+        shutil.rmtree(folder, ignore_errors=True)
+    metrics = result.metrics
+    log.info("recovery fine-tune: %d steps, lr %.2e, %.1f s, best step %d", metrics["optimizer_steps"], lr,
+             metrics["train_seconds"], result.best_step)
+    return {"epochs": cfg.finetune_epochs, "lr": lr, "steps": metrics["optimizer_steps"], "best_step": result.best_step,
+            "seconds": round(metrics["train_seconds"], 1), "validation": metrics["validation"]}

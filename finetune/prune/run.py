@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from finetune.config import PruneConfig, Recipe, RecipeError
+from finetune import runs
+from finetune.config import PruneConfig, RecipeConfig, RecipeError
 from finetune.inference import parameter_counts
 from finetune.modeling import encoder_layers, head_count
 from finetune.prune.measure import (
@@ -102,12 +103,10 @@ def apply_method(model: nn.Module, cfg: PruneConfig, bench: Bench) -> tuple[list
 
 
 def plain_model(model: nn.Module) -> tuple[nn.Module, bool]:
-    """A LoRA run's adapter merged into its base (pruning needs plain weights); others as they are."""
-    from peft import PeftModel
+    """An adapter run's adapter merged into its base (pruning needs plain weights); others as they are."""
+    from finetune.policies import plain
 
-    if isinstance(model, PeftModel):
-        return model.merge_and_unload(), True
-    return model, False
+    return plain(model)
 
 
 def check_output(output: Path, run_dir: Path, overwrite: bool) -> None:
@@ -142,12 +141,13 @@ def prune_run(run_dir: str | Path, cfg: PruneConfig, output: str | Path, overrid
         recipe.data.labels = run.labels  # the model's labels, whatever the data holds
     model, merged = plain_model(run.model)
     check_fits(model, cfg)
-    bench = open_bench(recipe, run.tokenizer, run.labels, with_train=cfg.finetune_epochs > 0)
-    log.info("pruning %s: method %s%s", run_dir, cfg.method, " (LoRA adapter merged first)" if merged else "")
+    bench = open_bench(recipe, run.tokenizer, run.labels)
+    log.info("pruning %s: method %s%s", run_dir, cfg.method, " (adapter merged first)" if merged else "")
     before = {**measure(model, bench, run_dir, latency_repeats), **evaluate_splits(model, bench)}
 
     masked, details = apply_method(model, cfg, bench)
-    recovery = recover(model, bench, cfg) if cfg.finetune_epochs > 0 else None
+    recovery = (recover(model, recipe, cfg, output.with_name(f".{output.name}.recovery.tmp"))
+                if cfg.finetune_epochs > 0 else None)
     model = bench.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     if masked:
         details = make_permanent(masked)
@@ -170,15 +170,15 @@ def prune_run(run_dir: str | Path, cfg: PruneConfig, output: str | Path, overrid
     return report
 
 
-def save_run_files(folder: Path, recipe: Recipe, output: Path, cfg: PruneConfig, report: dict, model: nn.Module) -> None:
+def save_run_files(folder: Path, recipe: RecipeConfig, output: Path, cfg: PruneConfig, report: dict, model: nn.Module) -> None:
     """recipe.yaml (the run's, naming this folder and the pruning applied), metrics.json, model card
     and the report, beside the exported model."""
     recipe = recipe.with_overrides([])
     recipe.output.dir, recipe.prune = str(output), cfg
-    atomic_write_text(folder / "recipe.yaml", recipe.to_yaml())
+    atomic_write_text(folder / runs.RECIPE, recipe.to_yaml())
     metrics = {"validation": report["after"].get("validation"), "test": report["after"].get("test"),
                "unpruned": {split: report["before"][split] for split in ("validation", "test") if split in report["before"]}}
-    atomic_write_text(folder / "metrics.json", json.dumps(metrics, indent=2))
+    atomic_write_text(folder / runs.METRICS, json.dumps(metrics, indent=2))
     atomic_write_text(folder / "prune_report.json", json.dumps(report, indent=2))
     table = report_table(report)
     atomic_write_text(folder / "prune_report.md", table)
@@ -194,7 +194,7 @@ def report_table(report: dict) -> str:
     recovery = report["recovery"]
     lines = [f"Pruning: {cfg['method']}, {setting}; recovery fine-tune: "
              + (f"{recovery['epochs']} epoch(s), lr {recovery['lr']:g}" if recovery else "none")
-             + ("; LoRA adapter merged before pruning" if report["lora_merged"] else "") + ".",
+             + ("; adapter merged before pruning" if report["lora_merged"] else "") + ".",
              (f"Latency: median of {report['latency']['repeats']} batches on CPU ({report['latency']['threads']} "
               "threads), validation sentences. Magnitude pruning leaves the weight files dense (same size); "
               "the compressed size shows its zeros."), "",
@@ -213,7 +213,7 @@ def report_table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def prune_after_training(result: RunResult, recipe: Recipe) -> RunResult:
+def prune_after_training(result: RunResult, recipe: RecipeConfig) -> RunResult:
     """The recipe's ``prune:`` section: prune the best model into RUN_DIR/pruned, whose metrics
     become the run's (``unpruned`` keeps the original ones, ``prune`` the report)."""
     output = result.run_dir / "pruned"

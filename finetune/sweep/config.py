@@ -16,7 +16,6 @@ file that names its base recipe::
 
 from __future__ import annotations
 
-import builtins
 import copy
 import difflib
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from finetune.config import (
-    Recipe,
+    RecipeConfig,
     RecipeError,
     Strict,
     known_keys,
@@ -33,50 +32,10 @@ from finetune.config import (
     read_recipe_file,
 )
 from finetune.recipe_file import Origins
+from finetune.schema import error_key, error_problem
+from finetune.sweep.space import ParamSpec, grid_points
 
 Method = Literal["grid", "random", "bayes", "gp"]
-
-
-class ParamSpec(Strict):
-    """One searched dimension: exactly one of choice, uniform, loguniform or int."""
-
-    choice: list[Any] | None = Field(default=None, min_length=1)
-    """Values to pick from. Mappings of dotted keys set several recipe keys together (paired settings)."""
-    uniform: tuple[float, float] | None = None
-    """Float range [lo, hi]."""
-    loguniform: tuple[float, float] | None = None
-    """Float range [lo, hi] sampled on a log scale (learning rates)."""
-    int: tuple[builtins.int, builtins.int] | None = None
-    """Integer range [lo, hi], both ends included."""
-    step: float | None = Field(default=None, gt=0)
-    """Spacing of uniform / int values."""
-    log: bool = False
-    """int ranges: sample on a log scale."""
-    when: dict[str, Any] | None = None
-    """Only sample this parameter when earlier parameters have these values (a value or a list of values)."""
-
-    @model_validator(mode="after")
-    def _one_kind(self) -> ParamSpec:
-        kinds = [k for k in ("choice", "uniform", "loguniform", "int") if getattr(self, k) is not None]
-        if len(kinds) != 1:
-            raise ValueError(f"give exactly one of choice, uniform, loguniform, int; got {kinds or 'none'}")
-        bounds = self.uniform or self.loguniform or self.int
-        if bounds is not None and bounds[0] > bounds[1]:
-            raise ValueError(f"range {list(bounds)} has lo > hi")
-        if self.loguniform is not None and self.loguniform[0] <= 0:
-            raise ValueError(f"loguniform needs lo > 0; got {list(self.loguniform)}")
-        if self.log and self.int is None:
-            raise ValueError("log applies to int ranges; use loguniform for floats")
-        return self
-
-    @property
-    def kind(self) -> str:
-        return next(k for k in ("choice", "uniform", "loguniform", "int") if getattr(self, k) is not None)
-
-    @property
-    def paired(self) -> bool:
-        """Each choice is a mapping of recipe keys set together."""
-        return self.choice is not None and all(isinstance(v, dict) for v in self.choice)
 
 
 class Objective(Strict):
@@ -120,7 +79,8 @@ class SweepConfig(Strict):
     """Train each setting with this many seeds (train.seed, +1, ...); the value is their mean."""
     pruner: PrunerConfig = PrunerConfig()
     dir: str | None = None
-    """Sweep folder (default: the recipe's output.dir, else sweeps/<recipe name>). Re-running with the same folder resumes."""
+    """Sweep folder (default: the recipe's output.dir, else sweeps/<recipe name> under $FINETUNE_HOME or the current
+    folder). Re-running with the same folder resumes."""
     storage: str | None = None
     """Optuna storage URL (postgresql://..., sqlite:///...) or a journal file; default: a journal file in dir."""
     study: str | None = None
@@ -160,8 +120,6 @@ class SweepConfig(Strict):
                 raise ValueError(f"parameters.{key}: grid search needs a list of values, not a continuous "
                                  f"{spec.kind} range; give choice: [...] or use method random/bayes/gp")
         if self.method == "grid" and self.n_trials is not None:
-            from finetune.sweep.space import grid_points
-
             size = len(grid_points(self.parameters))
             if self.n_trials > size:
                 raise ValueError(f"n_trials={self.n_trials} exceeds the grid's {size} combinations")
@@ -171,8 +129,6 @@ class SweepConfig(Strict):
         if self.n_trials is not None:
             return self.n_trials
         if self.method == "grid":
-            from finetune.sweep.space import grid_points
-
             return len(grid_points(self.parameters))
         return 20
 
@@ -183,7 +139,7 @@ class SweepConfig(Strict):
         return max(1, min(10, self.trials_total() // 4))
 
 
-def load_sweep_file(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Recipe, SweepConfig]:
+def load_sweep_file(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[RecipeConfig, SweepConfig]:
     """Read a recipe file with a ``sweep:`` section (it may extend a ``base:`` recipe).
 
     Overrides starting with ``sweep.`` set the sweep section; the others the recipe.
@@ -198,7 +154,7 @@ def load_sweep_file(path: str | Path, overrides: list[str] | tuple[str, ...] = (
     sweep_raw = raw.pop("sweep")
     recipe_overrides = [o for o in overrides if not o.strip().startswith("sweep.")]
     sweep_overrides = [o.strip()[len("sweep."):] for o in overrides if o.strip().startswith("sweep.")]
-    recipe = Recipe.from_dict(raw, recipe_overrides, origins)
+    recipe = RecipeConfig.from_dict(raw, recipe_overrides, origins)
     return recipe, parse_sweep(sweep_raw, sweep_overrides)
 
 
@@ -238,13 +194,10 @@ def _describe_sweep(err: ValidationError) -> str:
             lines.append(f"sweep.{where[0]}.{where[1]}: expected a mapping with one of choice, uniform, loguniform, "
                          f"int, or a list of values (got {item.get('input')!r})")
             continue
-        key = ".".join(str(p) for p in item["loc"] if not str(p).startswith(("function-", "literal["))
-                       and str(p) not in ("int", "str", "float", "list[any]") and "ParamSpec" not in str(p))
+        key = error_key(item)
         if item["type"] == "extra_forbidden":
             close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
             lines.append(f"unknown sweep key 'sweep.{key}'" + (f" (did you mean 'sweep.{close[0]}'?)" if close else ""))
         else:
-            got = item.get("input")
-            shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"sweep{'.' + key if key else ''}: {item['msg'].removeprefix('Value error, ')}{shown}")
+            lines.append(f"sweep{'.' + key if key else ''}: {error_problem(item)}")
     return "; ".join(dict.fromkeys(lines))

@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import shlex
-import shutil
 import socket
 import statistics
 import time
@@ -39,19 +38,20 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from optuna.trial import TrialState
 
-from finetune.config import Recipe, RecipeError
+from finetune import runs
+from finetune.config import RecipeConfig, RecipeError
 from finetune.errors import Interrupted
-from finetune.loop import Run, after_training
-from finetune.processes import multi_process_without_accelerator
+from finetune.processes import command_logging, multi_process_without_accelerator
 from finetune.reuse import reuse, sharing
-from finetune.runs import folder_errors, replace_dir
+from finetune.techniques import run_recipe
+from finetune.runs import remove_checkpoints, remove_model
 from finetune.sweep import study as studies
 from finetune.sweep.config import SweepConfig
+from finetune.sweep.folder import SweepFolder, run_folders
 from finetune.sweep.space import format_override, suggest, to_overrides
 
 log = logging.getLogger("finetune.sweep")
 # What a trial folder keeps when its model is removed to stay within keep_top_k
-KEPT_WITHOUT_MODEL = {"recipe.yaml", "train.log", "metrics.jsonl", "metrics.json", "README.md", "label_map.json"}
 
 
 @dataclass
@@ -75,13 +75,15 @@ class SweepResult:
     """Its validation value (the study's best may be better: see ``note``)."""
     note: str | None = None
     """Set when the study's best trial ran elsewhere: where it ran, and what best/ here holds instead."""
+    recipe_class: type[RecipeConfig] = field(default=RecipeConfig, repr=False)
+    """The swept recipe's class: ``best_recipe`` is one too (``finetune.Recipe`` can ``run()``)."""
 
     @property
-    def best_recipe(self) -> Recipe | None:
-        return Recipe.from_yaml(self.best_run_dir / "recipe.yaml") if self.best_run_dir else None
+    def best_recipe(self) -> RecipeConfig | None:
+        return self.recipe_class.from_yaml(self.best_run_dir / runs.RECIPE) if self.best_run_dir else None
 
 
-def run_sweep(recipe: Recipe, cfg: SweepConfig) -> SweepResult:
+def run_sweep(recipe: RecipeConfig, cfg: SweepConfig) -> SweepResult:
     """Run (or resume, or join) the sweep; returns its trials and best run once no slot is left.
 
     Raises:
@@ -91,7 +93,7 @@ def run_sweep(recipe: Recipe, cfg: SweepConfig) -> SweepResult:
 
 
 class Sweep:
-    def __init__(self, recipe: Recipe, cfg: SweepConfig):
+    def __init__(self, recipe: RecipeConfig, cfg: SweepConfig):
         self.recipe, self.cfg = recipe, cfg
         self.metric = cfg.objective.metric or recipe.eval.primary
         if self.metric != "loss" and self.metric not in recipe.eval.metrics:
@@ -99,10 +101,11 @@ class Sweep:
                               f"{recipe.eval.metrics} or use 'loss'")
         self.direction = studies.direction(cfg, self.metric)
         _check_values(recipe, cfg)
-        self.sweep_dir = Path(cfg.dir or recipe.output.dir or Path("sweeps") / recipe.name)
+        self.sweep_dir = Path(cfg.dir or recipe.output.dir or runs.output_home() / "sweeps" / recipe.name)
         self.study_name = cfg.study or recipe.name
         # trials record where their folders are: workers on other machines keep theirs in their own sweep folders
-        self.folder_id = f"{socket.gethostname()}:{self.sweep_dir.resolve()}"
+        self.folder = SweepFolder(self.sweep_dir, self.study_name, self.direction,
+                                  f"{socket.gethostname()}:{self.sweep_dir.resolve()}", cfg.keep_top_k)
         # the process group, for broadcasting trials; each trial's Run builds its own Accelerator on it
         self.state = PartialState(cpu=multi_process_without_accelerator())
         self.study: optuna.Study | None = None
@@ -130,9 +133,10 @@ class Sweep:
                     break
                 self._run_trial(**message[0])
         if not self.state.is_main_process:
-            return SweepResult(self.sweep_dir, self.study_name, self.metric, self.direction)
+            return SweepResult(self.sweep_dir, self.study_name, self.metric, self.direction,
+                               recipe_class=type(self.recipe))
         with studies.sweep_lock(self.sweep_dir):
-            self._update_best()
+            self.folder.update_best(self.study)
         rows = write_report(self.study, self.sweep_dir, self.cfg, self.metric)
         result = self._result(rows)
         if result.note:
@@ -141,7 +145,7 @@ class Sweep:
 
     def _open(self) -> None:
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
-        _setup_sweep_log(self.sweep_dir)
+        command_logging("sweep", file=self.sweep_dir / "sweep.log", logger=log)
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # we print one line per trial ourselves
         storage = studies.open_storage(self.cfg.storage, self.sweep_dir)
         base = self.recipe.to_dict()
@@ -184,7 +188,7 @@ class Sweep:
         trial.set_user_attr("overrides", overrides)
         trial.set_user_attr("guided", guided)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-        trial.set_user_attr("folder", self.folder_id)
+        trial.set_user_attr("folder", self.folder.id)
         same = None if fixed else self._completed_with(trial.params)
         if same is not None:  # samplers re-propose settings in small discrete spaces: don't train them twice
             reused = {k: v for k, v in same.user_attrs.items() if k in REUSED_ATTRS}
@@ -215,12 +219,13 @@ class Sweep:
                 for repeat in range(cfg.repeats):
                     run_dir = trial_dir if cfg.repeats == 1 else trial_dir / f"seed-{repeat}"
                     recipe = self._trial_recipe(overrides, run_dir, repeat)
-                    result = _train(recipe, self._pruning_hook(trial) if repeat == 0 else None)
+                    result = run_recipe(recipe, overwrite=True, quiet=True,  # the sweep prints a line per trial
+                                        on_validation=self._pruning_hook(trial) if repeat == 0 else None)
                     values.append(result.metrics["validation"][self.metric])
                     results.append(result)
         except optuna.TrialPruned:
             state = TrialState.PRUNED
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Interrupted):
             if main:  # give the slot back, so re-running the command runs it
                 self._finish(trial, TrialState.FAIL, error="interrupted (Ctrl-C)")
                 self.study.enqueue_trial(trial.params, user_attrs={"slot": trial.user_attrs.get("slot"),
@@ -259,15 +264,17 @@ class Sweep:
             if math.isnan(value):
                 state, error = TrialState.FAIL, f"the objective {self.metric} is NaN"
         self._finish(trial, state, value=value, error=error, **attrs)
-        _remove_checkpoints(trial_dir)
+        if self.recipe.output.keep != "all":  # a finished trial's run already went by output.keep; the others
+            for folder in run_folders(trial_dir):
+                remove_checkpoints(folder)
         if state != TrialState.COMPLETE:  # a pruned or failed trial has no model worth its disk (LoRA's base/)
-            for folder in _run_folders(trial_dir):
-                _remove_model(folder, f"trial {number} ended {state.name.lower()}")
+            for folder in run_folders(trial_dir):
+                remove_model(folder, f"trial {number} ended {state.name.lower()} (sweep.keep_top_k)")
         if state == TrialState.COMPLETE:
             with studies.sweep_lock(self.sweep_dir):  # other local workers may be finishing trials too
-                self._keep_top_k()
-                self._update_best()
-        best = self._best_so_far()
+                self.folder.keep_top_k(self.study)
+                self.folder.update_best(self.study)
+        best = self.folder.best(self.study)
         log.info("trial %d %s%s in %.0f s | %s%s", number, state.name,
                  f" {self.metric} {value:.4f}" if value is not None and state == TrialState.COMPLETE else "",
                  seconds, " ".join(overrides) or "(base recipe)",
@@ -275,7 +282,7 @@ class Sweep:
         if error:
             log.info("trial %d error: %s", number, error)
 
-    def _trial_recipe(self, overrides: list[str], run_dir: Path, repeat: int) -> Recipe:
+    def _trial_recipe(self, overrides: list[str], run_dir: Path, repeat: int) -> RecipeConfig:
         recipe = self.recipe.with_overrides(overrides)  # a bad combination raises here and fails the trial
         extra = [f"output.dir={run_dir}", "output.overwrite=true"]
         if self.metric != "loss":  # checkpoint selection follows the objective
@@ -310,78 +317,17 @@ class Sweep:
             trial.set_user_attr("error", error[:2000])
         self.study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
 
-    # --- disk budget and the best model ----------------------------------------------
-
-    def _best_so_far(self) -> optuna.trial.FrozenTrial | None:
-        complete = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if not complete:
-            return None
-        return max(complete, key=lambda t: t.value if self.direction == "maximize" else -t.value)
-
-    def _keep_top_k(self) -> None:
-        """Keep the models of the best k distinct trials (a reused duplicate shares its original's folder)."""
-        k = self.cfg.keep_top_k
-        if k is None:
-            return
-        complete = sorted((t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                           if self._ran_here(t)),  # this folder's disk: other workers' trials are theirs
-                          key=lambda t: t.value, reverse=self.direction == "maximize")
-        folders = list(dict.fromkeys(t.user_attrs.get("run_dir", f"trials/{t.number:04d}") for t in complete))
-        for run_dir in folders[k:]:
-            owner = next(t for t in complete if t.user_attrs.get("run_dir", f"trials/{t.number:04d}") == run_dir)
-            for folder in _run_folders(self.sweep_dir / run_dir):
-                _remove_model(folder, f"trial {owner.number} is not among the best {k}")
-
-    def _ran_here(self, trial: optuna.trial.FrozenTrial) -> bool:
-        """The trial's folder is in this sweep folder (trials of older sweeps don't say: look for it)."""
-        folder = trial.user_attrs.get("folder")
-        if folder is not None:
-            return folder == self.folder_id
-        return "model_dir" in trial.user_attrs and (self.sweep_dir / trial.user_attrs["model_dir"]).is_dir()
-
-    def _model_here(self, trial: optuna.trial.FrozenTrial) -> bool:
-        model = self.sweep_dir / trial.user_attrs.get("model_dir", "-")
-        return (self._ran_here(trial) and (model / "recipe.yaml").is_file()
-                and not (model / "MODEL_REMOVED.txt").exists())
-
-    def _held_by_best(self) -> dict | None:
-        """What best/ holds: {"trial", "value", "overrides"} of this study, or None."""
-        with contextlib.suppress(OSError, ValueError):
-            held = json.loads((self.sweep_dir / "best" / "sweep_trial.json").read_text())
-            if held.get("study", self.study_name) == self.study_name:
-                return held
-        return None
-
-    def _update_best(self) -> None:
-        """Point best/ at the best model this folder holds (hard links: no extra disk, survives keep_top_k).
-        A trial that ran in another worker's sweep folder never counts: its model is there, not here."""
-        here = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if self._model_here(t)]
-        if not here:
-            return
-        best = max(here, key=lambda t: t.value if self.direction == "maximize" else -t.value)
-        held = self._held_by_best()
-        if held is not None and held["trial"] == best.number:
-            return
-        tmp = self.sweep_dir / ".best.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        # the marker is written, not linked: writing through a hard link would change the trial's own copy
-        shutil.copytree(self.sweep_dir / best.user_attrs["model_dir"], tmp, copy_function=_link_or_copy,
-                        ignore=shutil.ignore_patterns(".lock", "sweep_trial.json"))
-        (tmp / "sweep_trial.json").write_text(json.dumps({"study": self.study_name, "trial": best.number,
-                                                          "value": best.value,
-                                                          "overrides": best.user_attrs.get("overrides", [])}))
-        replace_dir(tmp, self.sweep_dir / "best")
-
     def _result(self, rows: list[dict]) -> SweepResult:
-        result = SweepResult(self.sweep_dir, self.study_name, self.metric, self.direction, trials=rows)
-        best, held = self._best_so_far(), self._held_by_best()
+        result = SweepResult(self.sweep_dir, self.study_name, self.metric, self.direction, trials=rows,
+                             recipe_class=type(self.recipe))
+        best, held = self.folder.best(self.study), self.folder.held_by_best()
         if held is not None:
             result.here_trial, result.here_value = held["trial"], held["value"]
         if best is None:
             return result
         result.best_trial, result.best_value = best.number, best.value
         result.best_params = best.user_attrs.get("overrides", [])
-        if held is not None and (held["trial"] == best.number or self._model_here(best)):
+        if held is not None and (held["trial"] == best.number or self.folder.model_here(best)):
             result.best_run_dir = self.sweep_dir / "best"
             return result
         where = best.user_attrs.get("folder") or best.user_attrs.get("worker") or "another worker"
@@ -401,40 +347,28 @@ REUSED_ATTRS = ("run_dir", "model_dir", "folder",
                 "latency_ms", "latency_batch_size", "values", "ci95")
 
 
-def _train(recipe: Recipe, hook):
-    run = Run(recipe, on_validation=hook, quiet=True)  # the sweep prints one line per trial
-    try:
-        with folder_errors(run.run_dir):
-            run.open_folder(resume=False, overwrite=True)
-            run.train()
-            return after_training(run.finish(), recipe)
-    except BaseException:
-        run.end_trackers()
-        raise
-    finally:
-        run.close()  # the trial folder's lock
-        run.accelerator.free_memory()  # Accelerate keeps references to the prepared model and optimizer
-
-
 def model_cost(run_dir: Path, batch_size: int = 32, batches: int = 8) -> dict[str, Any]:
     """A finished run's model: parameters (non-zero ones too, for magnitude pruning) and the median CPU
-    latency of a forward pass over batches of its own validation texts. LoRA is merged first, as it
+    latency of a forward pass over batches of its own validation texts. An adapter is merged first, as it
     would be deployed; everything runs on CPU whatever trained the model, so trials compare."""
     from finetune.data import load_splits
     from finetune.inference import latency_ms, parameter_counts
+    from finetune.policies import plain
     from finetune.predict import load_run
+    from finetune.tasks import TASKS
 
     run = load_run(run_dir)
-    model = run.model.merge_and_unload() if hasattr(run.model, "merge_and_unload") else run.model
+    model = plain(run.model)[0]  # an adapter merged, as it would be deployed
     data, cols = run.recipe.data, run.recipe.data.columns
     rows = reuse(("data", json.dumps(data.model_dump(mode="json"))), lambda: load_splits(data))
     split = rows["validation"]
-    token_task = run.recipe.task == "token_classification"
-    texts = split[cols.tokens if token_task else cols.text][:batch_size * batches]
-    pairs = split[cols.text_pair][:batch_size * batches] if cols.text_pair and not token_task else None
+    task = TASKS[run.recipe.task]
+    columns = task.input_columns(cols)  # words, or a text and maybe its pair
+    texts = split[columns[0]][:batch_size * batches]
+    pairs = split[columns[1]][:batch_size * batches] if len(columns) > 1 else None
     counts = parameter_counts(model)
     latency = latency_ms(model.cpu(), run.tokenizer, texts, batch_size, data.max_length, repeats=batches,
-                         warmup=2, pairs=pairs)
+                         warmup=2, pairs=pairs, words=task.words)
     return {"parameters": counts["total"], "nonzero_parameters": counts["nonzero"],
             "latency_ms": round(latency, 2), "latency_batch_size": batch_size}
 
@@ -451,7 +385,7 @@ def _time_split(results: list, seconds: float) -> dict[str, float]:
     return split
 
 
-def _check_values(recipe: Recipe, cfg: SweepConfig) -> None:
+def _check_values(recipe: RecipeConfig, cfg: SweepConfig) -> None:
     """Each listed value and range end must be valid on its own, so a typo fails now, not as trial 7.
     Only errors about the parameter's own keys count: one that names another key (kind=freeze
     without freeze_layers) may be valid together with other parameters, and is judged per trial."""
@@ -476,42 +410,3 @@ def _ci95(values: list[float]) -> float:
     from scipy import stats
 
     return float(stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values)))
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        Path(dst).hardlink_to(src)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-def _run_folders(trial_dir: Path) -> list[Path]:
-    """A trial's run folder, and one per seed when repeats > 1."""
-    return [trial_dir, *sorted(trial_dir.glob("seed-*"))]
-
-
-def _remove_checkpoints(trial_dir: Path) -> None:
-    """The exported model is the best checkpoint; the resumable state isn't needed once a trial ends."""
-    for folder in _run_folders(trial_dir):
-        shutil.rmtree(folder / "checkpoints", ignore_errors=True)
-
-
-def _remove_model(run_dir: Path, reason: str) -> None:
-    if not run_dir.is_dir() or (run_dir / "MODEL_REMOVED.txt").exists():
-        return
-    for item in run_dir.iterdir():
-        if item.name not in KEPT_WITHOUT_MODEL and not item.name.startswith("seed-"):
-            shutil.rmtree(item) if item.is_dir() else item.unlink()
-    (run_dir / "MODEL_REMOVED.txt").write_text(f"The model files were removed to save disk: {reason} (sweep.keep_top_k).\n")
-
-
-def _setup_sweep_log(sweep_dir: Path) -> None:
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    for handler in list(log.handlers):
-        handler.close()
-        log.removeHandler(handler)
-    fmt = logging.Formatter("%(asctime)s [sweep] %(message)s", "%H:%M:%S")
-    for handler in (logging.StreamHandler(), logging.FileHandler(sweep_dir / "sweep.log")):
-        handler.setFormatter(fmt)
-        log.addHandler(handler)

@@ -3,15 +3,60 @@ the dotted ``key=value`` overrides a user would type (they go through the recipe
 
 from __future__ import annotations
 
+import builtins
 import json
 from typing import Any
 
 import optuna
 import yaml
+from pydantic import Field, model_validator
 
-from finetune.sweep.config import ParamSpec
+from finetune.config import Strict
 
 PAIR_SEPARATOR = "; "  # between the overrides of a paired choice (values may hold commas)
+
+
+class ParamSpec(Strict):
+    """One searched dimension: exactly one of choice, uniform, loguniform or int."""
+
+    choice: list[Any] | None = Field(default=None, min_length=1)
+    """Values to pick from. Mappings of dotted keys set several recipe keys together (paired settings)."""
+    uniform: tuple[float, float] | None = None
+    """Float range [lo, hi]."""
+    loguniform: tuple[float, float] | None = None
+    """Float range [lo, hi] sampled on a log scale (learning rates)."""
+    int: tuple[builtins.int, builtins.int] | None = None
+    """Integer range [lo, hi], both ends included."""
+    step: float | None = Field(default=None, gt=0)
+    """Spacing of uniform / int values."""
+    log: bool = False
+    """int ranges: sample on a log scale."""
+    when: dict[str, Any] | None = None
+    """Only sample this parameter when earlier parameters have these values (a value or a list of values)."""
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ParamSpec:
+        kinds = [k for k in ("choice", "uniform", "loguniform", "int") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError(f"give exactly one of choice, uniform, loguniform, int; got {kinds or 'none'}")
+        bounds = self.uniform or self.loguniform or self.int
+        if bounds is not None and bounds[0] > bounds[1]:
+            raise ValueError(f"range {list(bounds)} has lo > hi")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError(f"loguniform needs lo > 0; got {list(self.loguniform)}")
+        if self.log and self.int is None:
+            raise ValueError("log applies to int ranges; use loguniform for floats")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("choice", "uniform", "loguniform", "int") if getattr(self, k) is not None)
+
+    @property
+    def paired(self) -> bool:
+        """Each choice is a mapping of recipe keys set together."""
+        return self.choice is not None and all(isinstance(v, dict) for v in self.choice)
+
 
 
 def _choice_label(value: Any) -> Any:

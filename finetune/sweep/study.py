@@ -80,7 +80,7 @@ def direction(cfg: SweepConfig, metric: str) -> str:
 
     if cfg.objective.direction:
         return cfg.objective.direction
-    return "maximize" if metric != "loss" and greater_is_better(metric) else "minimize"
+    return "maximize" if greater_is_better(metric) else "minimize"
 
 
 def open_study(cfg: SweepConfig, storage, name: str, direction_: str, fingerprint: dict) -> optuna.Study:
