@@ -238,10 +238,14 @@ def test_disk_budget_best_model_and_report(tiny_backbone, sentiment_dir, tmp_pat
 
 
 def test_a_changed_search_space_does_not_mix_with_an_existing_study(tiny_backbone, sentiment_dir, tmp_path):
+    """Widening is allowed (tests/test_sweep_warm.py); a space that doesn't widen the old one, or another
+    method, is refused."""
     recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path, train=FAST)
     recipe.sweep({"train.lr": [3e-3]}, method="grid", dir=str(tmp_path / "s"))
-    with pytest.raises(RecipeError, match="was started with a different parameters"):
-        recipe.sweep({"train.lr": [3e-3, 1e-2]}, method="grid", dir=str(tmp_path / "s"))
+    with pytest.raises(RecipeError, match="was started with different parameters, which the new ones don't widen"):
+        recipe.sweep({"train.lr": [1e-2]}, method="grid", dir=str(tmp_path / "s"))
+    with pytest.raises(RecipeError, match="was started with a different method"):
+        recipe.sweep({"train.lr": [3e-3]}, method="random", dir=str(tmp_path / "s"))
 
 
 def test_memory_does_not_grow_across_trials(tiny_backbone, sentiment_dir, tmp_path):

@@ -92,6 +92,23 @@ class SweepConfig(Strict):
     for the report's accuracy-vs-latency and accuracy-vs-size Pareto plot (a few seconds per trial)."""
     heartbeat_seconds: float = Field(default=20.0, gt=0)
     """A running trial records a heartbeat this often; one silent for 3 beats is taken as dead and re-run."""
+    warm_start: str | None = None
+    """Start from an earlier sweep: its folder, or a storage URL / journal file. When the study is created, the
+    earlier best settings are tried first and its finished trials inform the sampler, where the spaces agree.
+    Same objective needed."""
+    warm_start_study: str | None = None
+    """The earlier study's name (default: the one its sweep folder records, else this sweep's study name)."""
+    warm_start_top: int = Field(default=1, ge=0)
+    """How many of the earlier best settings to try first (0: they only inform the sampler)."""
+
+    @field_validator("warm_start")
+    @classmethod
+    def _warm_source_exists(cls, value: str | None) -> str | None:
+        """A local source is kept as an absolute path: sweep.yaml then resumes from any folder."""
+        if value is None:
+            return None
+        kind, where = warm_source(value)
+        return where if kind == "url" else str(Path(where).resolve())
 
     @field_validator("parameters", mode="before")
     @classmethod
@@ -102,6 +119,9 @@ class SweepConfig(Strict):
 
     @model_validator(mode="after")
     def _check_space(self) -> SweepConfig:
+        for key in ("warm_start_study", "warm_start_top"):
+            if key in self.model_fields_set and self.warm_start is None:
+                raise ValueError(f"{key} is set without warm_start (the earlier sweep folder or storage to start from)")
         recipe_keys = set(known_keys())
         seen: list[str] = []
         for key, spec in self.parameters.items():
@@ -137,6 +157,38 @@ class SweepConfig(Strict):
         if self.startup_trials is not None:
             return self.startup_trials
         return max(1, min(10, self.trials_total() // 4))
+
+
+WarmSource = tuple[Literal["folder", "journal", "url"], Path | str]
+
+
+def warm_source(text: str) -> WarmSource:
+    """What ``sweep.warm_start`` names: ("folder", the sweep folder), ("journal", the file) or ("url", the URL).
+
+    Raises:
+        ValueError: it names none of these.
+    """
+    expected = ("expected a sweep folder (holding sweep.yaml), an Optuna journal file (such as a sweep folder's "
+                "study.journal), or a storage URL (sqlite:///..., postgresql://...)")
+    if "://" in text:
+        if text.startswith("sqlite:///") and not Path(text[len("sqlite:///"):]).is_file():
+            raise ValueError(f"{text!r}: that database file does not exist; {expected}")
+        return "url", text
+    path = Path(text).expanduser()
+    if path.name == "sweep.yaml" and path.is_file():
+        path = path.parent
+    if path.is_dir():
+        if not (path / "sweep.yaml").is_file():
+            raise ValueError(f"{text!r} is a folder without sweep.yaml, not a sweep folder; {expected}")
+        return "folder", path
+    if path.is_file():
+        with open(path, "rb") as handle:
+            head = handle.readline(65536)
+        if head.strip() and b'"op_code"' not in head:  # each line of a journal is one JSON operation
+            raise ValueError(f"{text!r} is neither a sweep folder nor an Optuna journal file; {expected}")
+        return "journal", path
+    raise ValueError(f"{text!r} does not exist; {expected} (a sweep already warm-started resumes without it: "
+                     "drop sweep.warm_start)")
 
 
 def load_sweep_file(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[RecipeConfig, SweepConfig]:

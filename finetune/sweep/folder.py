@@ -1,5 +1,6 @@
 """A sweep folder's disk: which trials' models it holds, the ``keep_top_k`` budget, and ``best/``
-(hard links to the best model this folder ran). Trials that ran in another worker's folder are theirs."""
+(hard links to the best model this folder ran). Trials that ran in another worker's folder are theirs;
+trials lent by a warm start are nobody's here."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from optuna.trial import TrialState
 from finetune import runs
 from finetune.durable import link_or_copy
 from finetune.runs import remove_model, replace_dir
+from finetune.sweep.trials import own_trials
 
 
 def run_folders(trial_dir: Path) -> list[Path]:
@@ -33,7 +35,7 @@ class SweepFolder:
     """sweep.keep_top_k: the models of the best k trials are kept, the others removed."""
 
     def best(self, study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        complete = own_trials(study, (TrialState.COMPLETE,))
         if not complete:
             return None
         return max(complete, key=lambda t: t.value if self.direction == "maximize" else -t.value)
@@ -43,8 +45,8 @@ class SweepFolder:
         k = self.top_k
         if k is None:
             return
-        complete = sorted((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                           if self.ran_here(t)),  # this folder's disk: other workers' trials are theirs
+        # this folder's disk: other workers' trials are theirs
+        complete = sorted((t for t in own_trials(study, (TrialState.COMPLETE,)) if self.ran_here(t)),
                           key=lambda t: t.value, reverse=self.direction == "maximize")
         folders = list(dict.fromkeys(t.user_attrs.get("run_dir", f"trials/{t.number:04d}") for t in complete))
         for run_dir in folders[k:]:
@@ -75,7 +77,7 @@ class SweepFolder:
     def update_best(self, study: optuna.Study) -> None:
         """Point best/ at the best model this folder holds (hard links: no extra disk, survives keep_top_k).
         A trial that ran in another worker's sweep folder never counts: its model is there, not here."""
-        here = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if self.model_here(t)]
+        here = [t for t in own_trials(study, (TrialState.COMPLETE,)) if self.model_here(t)]
         if not here:
             return
         best = max(here, key=lambda t: t.value if self.direction == "maximize" else -t.value)

@@ -18,6 +18,13 @@ from optuna.trial import TrialState
 
 from finetune.config import RecipeError
 from finetune.sweep.config import SweepConfig, parse_sweep
+from finetune.sweep.trials import (
+    WARM_START,
+    WIDENINGS,
+    current_study,
+    lent_trials,
+    own_trials,
+)
 
 log = logging.getLogger("finetune.sweep")
 COLUMNS = ["number", "slot", "state", "value", "overrides", "best_step", "seconds", "train_seconds",
@@ -26,7 +33,7 @@ COLUMNS = ["number", "slot", "state", "value", "overrides", "best_step", "second
 
 def trial_rows(study: optuna.Study, metric: str) -> list[dict[str, Any]]:
     rows = []
-    for trial in study.get_trials(deepcopy=False):
+    for trial in own_trials(study):  # not the trials a warm start lent the sampler
         if trial.state == TrialState.WAITING:
             continue
         attrs = trial.user_attrs
@@ -59,7 +66,7 @@ def write_report(study: optuna.Study, sweep_dir: Path, cfg: SweepConfig, metric:
         writer.writeheader()
         for row in rows:
             writer.writerow({**row, f"test_{metric}": (row["test"] or {}).get(metric)})
-    plots = _plots(study, out, cfg)
+    plots = _plots(_own_view(study), out, cfg)
     maximize = study.direction.name == "MAXIMIZE"
     plots["pareto"] = pareto_plot(rows, metric, maximize, out / "pareto.png")
     table = _markdown_table(rows, metric) + pareto_table(rows, metric, maximize)
@@ -89,7 +96,29 @@ def _summary(study: optuna.Study, cfg: SweepConfig, metric: str, rows: list[dict
                      + (f" (test {test:.4f})" if test is not None else "")
                      + f" with {best['overrides'] or 'the base recipe'}; {_where_best_is(best, sweep_dir, metric)}")
     lines += _time_summary(complete)
-    return "\n".join(lines)
+    return "\n".join(lines + _history(study))
+
+
+def _history(study: optuna.Study) -> list[str]:
+    """Where the sweep's knowledge came from: a warm start, widenings."""
+    lines = []
+    if warm := study.user_attrs.get(WARM_START):
+        lines.append(f"warm start from {warm['source']}: {warm['lent']} of its finished trials informed the sampler "
+                     f"(not listed here; {warm['skipped']} lay outside this space); tried first: "
+                     + (" | ".join(warm["first"]) or "none"))
+    for widening in study.user_attrs.get(WIDENINGS, []):
+        lines.append(f"widened from study {widening['from']} ({widening['at']}): {'; '.join(widening['changes'])}; "
+                     "its trials are kept")
+    return lines
+
+
+def _own_view(study: optuna.Study) -> optuna.Study:
+    """The study for the plots: without the trials a warm start lent, which are not the sweep's."""
+    if not lent_trials(study):
+        return study
+    view = optuna.create_study(study_name=study.study_name, directions=study.directions)
+    view.add_trials(own_trials(study))
+    return view
 
 
 def _where_best_is(best: dict, sweep_dir: Path, metric: str) -> str:
@@ -266,8 +295,11 @@ def report_from_dir(sweep_dir: str | Path) -> list[dict[str, Any]]:
     if not (sweep_dir / "sweep.yaml").is_file():
         raise RecipeError(f"{sweep_dir} holds no sweep (sweep.yaml is missing)")
     saved = yaml.safe_load((sweep_dir / "sweep.yaml").read_text())
-    cfg = parse_sweep(saved["sweep"])
+    # the warm start's source is not needed (the study holds what it lent), and may be gone
+    cfg = parse_sweep({k: v for k, v in saved["sweep"].items() if not k.startswith("warm_start")})
     study_name = cfg.study or saved["name"]
-    study = optuna.load_study(study_name=study_name, storage=open_storage(cfg.storage, sweep_dir))
+    study = current_study(open_storage(cfg.storage, sweep_dir), study_name)  # the widened study, if widened
+    if study is None:
+        raise RecipeError(f"{sweep_dir}: its storage holds no study {study_name!r}")
     metric = cfg.objective.metric or saved["eval"]["primary"]
     return write_report(study, sweep_dir, cfg, metric)

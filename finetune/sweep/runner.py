@@ -43,12 +43,14 @@ from finetune.config import RecipeConfig, RecipeError
 from finetune.errors import Interrupted
 from finetune.processes import command_logging, multi_process_without_accelerator
 from finetune.reuse import reuse, sharing
-from finetune.techniques import run_recipe
 from finetune.runs import remove_checkpoints, remove_model
 from finetune.sweep import study as studies
 from finetune.sweep.config import SweepConfig
 from finetune.sweep.folder import SweepFolder, run_folders
 from finetune.sweep.space import format_override, suggest, to_overrides
+from finetune.sweep.trials import own_trials
+from finetune.sweep.warm import load_warm_start
+from finetune.techniques import run_recipe
 
 log = logging.getLogger("finetune.sweep")
 # What a trial folder keeps when its model is removed to stay within keep_top_k
@@ -155,11 +157,14 @@ class Sweep:
         fingerprint = {"recipe": base, "parameters": {k: v.model_dump(exclude_defaults=True)
                                                       for k, v in self.cfg.parameters.items()},
                        "method": self.cfg.method, "metric": self.metric, "repeats": self.cfg.repeats}
-        self.study = studies.open_study(self.cfg, storage, self.study_name, self.direction,
-                                        json.loads(json.dumps(fingerprint)))
+        fingerprint = json.loads(json.dumps(fingerprint))
+        warm = (lambda: load_warm_start(self.cfg, fingerprint, self.direction, self.sweep_dir, self.study_name)
+                ) if self.cfg.warm_start else None
+        self.study = studies.open_study(self.cfg, storage, self.study_name, self.direction, fingerprint,
+                                        self.sweep_dir, warm_start=warm)
         sweep_file = {**self.recipe.to_dict(), "sweep": self.cfg.model_dump(mode="json", exclude_defaults=True)}
         (self.sweep_dir / "sweep.yaml").write_text(yaml.safe_dump(sweep_file, sort_keys=False))
-        done = len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)))
+        done = len(own_trials(self.study, (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)))
         guided = (f", model-guided after {self.cfg.guided_after()} finished trials"
                   if self.cfg.method in ("bayes", "gp") else "")
         log.info("sweep %s: %s search, %d trials (%d done), %s %s on validation%s; folder %s", self.study_name,
@@ -177,7 +182,7 @@ class Sweep:
         trial = studies.pop_trial(study, cfg)
         if trial is None:
             return "wait" if study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) else None
-        fixed = cfg.method == "grid" or "retry_of" in trial.user_attrs  # settings given, not sampled
+        fixed = cfg.method == "grid" or bool({"retry_of", "warm_start_first"} & set(trial.user_attrs))  # not sampled
         try:
             params = suggest(trial, cfg.parameters)
         except Exception as err:  # noqa: BLE001 - a sampler failure fails this trial, not the sweep
@@ -200,7 +205,7 @@ class Sweep:
         return {"number": trial.number, "overrides": overrides}
 
     def _completed_with(self, params: dict) -> optuna.trial.FrozenTrial | None:
-        for done in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        for done in own_trials(self.study, (TrialState.COMPLETE,)):  # a lent trial ran on another recipe
             if done.params == params:
                 return done
         return None
@@ -318,8 +323,8 @@ class Sweep:
         self.study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
 
     def _result(self, rows: list[dict]) -> SweepResult:
-        result = SweepResult(self.sweep_dir, self.study_name, self.metric, self.direction, trials=rows,
-                             recipe_class=type(self.recipe))
+        result = SweepResult(self.sweep_dir, self.study.study_name, self.metric, self.direction, trials=rows,
+                             recipe_class=type(self.recipe))  # a widened sweep's study is <name>.widened-K
         best, held = self.folder.best(self.study), self.folder.held_by_best()
         if held is not None:
             result.here_trial, result.here_value = held["trial"], held["value"]

@@ -11,6 +11,10 @@ sweep runs trials with ask/tell and defaults to the journal file. A thread recor
 timestamp on the running trial; a trial silent for three beats is failed and its settings
 re-queued, once, by whichever worker notices first.
 
+Creating a study may start it warm (``warm``: an earlier sweep's trials lent to the sampler, its best
+settings in the first slots); joining one with a wider search widens it (``widen``: its trials copied,
+re-expressed, into a new study the old one points to); any other change of the search is refused.
+
 Default storage: Optuna's journal file (``study.journal`` in the sweep folder). It is an
 append-only log with a file lock, so a crash can't corrupt it and several local worker
 processes write to it without SQLite's "database is locked".
@@ -20,10 +24,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
+import logging
 import random
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
@@ -31,12 +39,23 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
 from finetune.config import RecipeError
+from finetune.sweep import widen
 from finetune.sweep.config import SweepConfig
 from finetune.sweep.space import grid_points
+from finetune.sweep.trials import (
+    CONFIG,
+    SLOTS,
+    WARM_START,
+    WIDENED_TO,
+    current_study,
+    own_trials,
+)
+
+if TYPE_CHECKING:
+    from finetune.sweep.warm import WarmStart
 
 HEARTBEAT = "finetune:heartbeat"
-SLOTS = "finetune:slots"
-CONFIG = "finetune:sweep"
+log = logging.getLogger("finetune.sweep")
 
 
 def open_storage(url: str | None, sweep_dir: Path) -> optuna.storages.BaseStorage:
@@ -83,43 +102,78 @@ def direction(cfg: SweepConfig, metric: str) -> str:
     return "maximize" if greater_is_better(metric) else "minimize"
 
 
-def open_study(cfg: SweepConfig, storage, name: str, direction_: str, fingerprint: dict) -> optuna.Study:
-    """Create the study and its slots, or join an existing one with the same search.
+def open_study(cfg: SweepConfig, storage, name: str, direction_: str, fingerprint: dict, sweep_dir: Path,
+               warm_start: Callable[[], WarmStart] | None = None) -> optuna.Study:
+    """Create the study and its slots (after a warm start's lent trials and first settings), join an
+    existing one with the same search, or widen it (see ``widen``) when the search is wider.
 
     Raises:
-        RecipeError: the study exists with another search space, objective or base recipe.
+        RecipeError: the study exists with another objective, base recipe or a narrower space; the warm
+            start's source can't be used.
     """
-    try:
-        study = optuna.create_study(storage=storage, study_name=name, direction=direction_, pruner=make_pruner(cfg))
-        created = True
-    except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(storage=storage, study_name=name, pruner=make_pruner(cfg))
-        created = False
-    if created:
-        study.set_user_attr(CONFIG, fingerprint)
-    else:
-        saved = _wait_for(lambda: study.user_attrs.get(CONFIG))
-        if saved != fingerprint:
-            changed = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
-            raise RecipeError(f"study {name!r} was started with a different {', '.join(changed)}; use a new "
-                              "sweep.dir / sweep.study, or the same settings to resume it")
-        if study.direction.name.lower() != direction_:
-            raise RecipeError(f"study {name!r} optimises in direction {study.direction.name.lower()}, not {direction_}")
-        # until the creator has enqueued every slot, "nothing waiting" would wrongly mean "all done"
-        _wait_for(lambda: study.user_attrs.get(SLOTS))
-    _add_slots(study, cfg)
+    pruner = make_pruner(cfg)
+    study = current_study(storage, name, pruner)
+    if study is None:
+        start = warm_start() if warm_start else None  # before creating anything: a bad source leaves no study
+        try:
+            study = optuna.create_study(storage=storage, study_name=name, direction=direction_, pruner=pruner)
+        except optuna.exceptions.DuplicatedStudyError:
+            study = current_study(storage, name, pruner)
+        else:
+            study.set_user_attr(CONFIG, fingerprint)
+            total = _enqueue_slots(study, cfg, first=start.first if start else [])
+            if start:
+                start.lend(study)
+            study.set_user_attr(SLOTS, total)
+            return study
+    saved = _wait_for(lambda: study.user_attrs.get(CONFIG))
+    if saved != fingerprint:
+        widen.plan(saved, fingerprint, study.study_name)  # refuses what is not a widening before touching anything
+        recover_stale(study, cfg.heartbeat_seconds, sweep_dir)
+        with sweep_lock(sweep_dir):
+            study = widen.widen(storage, name, fingerprint, pruner)
+        if study.user_attrs.get(CONFIG) != fingerprint:
+            raise RecipeError(f"study {name!r} was just widened by another worker, to another space; run that "
+                              f"worker's settings, or {widen.HINT}")
+    if study.direction.name.lower() != direction_:
+        raise RecipeError(f"study {name!r} optimises in direction {study.direction.name.lower()}, not {direction_}")
+    # until the creator has enqueued every slot, "nothing waiting" would wrongly mean "all done"
+    _wait_for(lambda: study.user_attrs.get(SLOTS))
+    if warm_start and not study.user_attrs.get(WARM_START):
+        log.warning("sweep.warm_start is not used: study %s already exists (a warm start applies when a study "
+                    "is created)", study.study_name)
+    total = _enqueue_slots(study, cfg)
+    if total > study.user_attrs.get(SLOTS, 0):
+        study.set_user_attr(SLOTS, total)
     return study
 
 
-def _add_slots(study: optuna.Study, cfg: SweepConfig) -> None:
-    """Enqueue the trials the study is missing (all of them when new; more when n_trials grew)."""
+def _enqueue_slots(study: optuna.Study, cfg: SweepConfig, first: list[dict] = ()) -> int:
+    """Enqueue the trials the study is missing (all of them when new; more when n_trials grew or a
+    widened grid has new points); ``first``: settings to try before the others. Returns the slot count.
+
+    A grid's new slots take the points no trial holds yet, in grid order: after a widening, the
+    earlier points keep their trials and only the new ones are queued.
+    """
     total = cfg.trials_total()
     have = study.user_attrs.get(SLOTS, 0)
-    fixed = grid_points(cfg.parameters)[:total] if cfg.method == "grid" else [{}] * total
-    for slot in range(have, total):
-        study.enqueue_trial(fixed[slot], user_attrs={"slot": slot}, skip_if_exists=False)
-    if total > have:
-        study.set_user_attr(SLOTS, total)
+    if total <= have:
+        return have
+    if cfg.method == "grid":
+        held = {_point_key({**t.system_attrs.get("fixed_params", {}), **t.params}) for t in own_trials(study)}
+        points = list({_point_key(p): p for p in [*first, *grid_points(cfg.parameters)]
+                       if _point_key(p) not in held}.values())
+    else:
+        points = [*first, *[{}] * total]
+    firsts = {_point_key(p) for p in first}
+    for slot, point in zip(range(have, total), points):
+        attrs = {"slot": slot, **({"warm_start_first": True} if point and _point_key(point) in firsts else {})}
+        study.enqueue_trial(point, user_attrs=attrs, skip_if_exists=False)
+    return total
+
+
+def _point_key(point: dict) -> str:
+    return json.dumps(point, sort_keys=True, default=str)
 
 
 def _wait_for(read, seconds: float = 60.0):
@@ -202,6 +256,10 @@ def pop_trial(study: optuna.Study, cfg: SweepConfig) -> optuna.Trial | None:
     a resumed sweep doesn't repeat its first proposals, and two workers don't propose alike.
     """
     study._thread_local.cached_all_trials = None
+    if after := study.user_attrs.get(WIDENED_TO):
+        log.warning("study %s was widened into %s by another worker: this worker, with the earlier space, starts "
+                    "no new trial; run the widened sweep", study.study_name, after)
+        return None
     trial_id = study._pop_waiting_trial_id()
     if trial_id is None:
         return None
