@@ -7,6 +7,7 @@ Offline resolution order for ``backbone.name``:
      finetune.sources), then the built-in table below of Python packages that ship a model folder;
   4. the hub itself, when online.
 Mirrors are skipped when a ``revision`` is pinned, since a mirror has no revisions.
+A finished run folder (runs/X, known by its layout) becomes a plain backbone folder first: see finetune.transfer.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from finetune.config import BackboneConfig, RecipeConfig, RecipeError
 from finetune.modeling import FinetuneConfig
 from finetune.reuse import reuse
 from finetune.tasks import TASKS
+from finetune.transfer import backbone_from_run, is_run_like, load_head, read_source
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +97,8 @@ def resolve_backbone(cfg: BackboneConfig) -> Path:
         RecipeError: the name is neither a folder nor reachable, with how to provide a local copy.
     """
     local = Path(cfg.name).expanduser()
+    if is_run_like(local):  # a finished run's fine-tuned encoder (or a clear refusal: ensemble, unfinished, ...)
+        return backbone_from_run(cfg.name, resolve_backbone)
     if local.is_dir():
         if not (local / "config.json").is_file():
             raise RecipeError(f"backbone.name: folder {local} has no config.json (expected a Hugging Face model folder)")
@@ -125,7 +129,10 @@ def resolve_backbone(cfg: BackboneConfig) -> Path:
 
 
 def default_pooling(path: Path) -> str:
-    """Pooling the backbone was trained with: sentence-transformers folders record it in 1_Pooling/."""
+    """Pooling the backbone was trained with: a run's own, or what sentence-transformers folders record in 1_Pooling/."""
+    source = read_source(path)
+    if source is not None:
+        return source["head"]["pooling"]
     pooling_cfg = path / "1_Pooling" / "config.json"
     if pooling_cfg.is_file():
         modes = json.loads(pooling_cfg.read_text())
@@ -144,7 +151,9 @@ def build_model(recipe: RecipeConfig, backbone_path: Path, labels: list[str] | N
             raise RecipeError(f"backbone.num_layers: {backbone_path} does not say how many layers it has "
                               "(no num_hidden_layers in its config), so it cannot be truncated")
         if cfg.num_layers > available:
-            raise RecipeError(f"backbone.num_layers={cfg.num_layers}: the backbone has only {available} layers")
+            origin = f" (from run {cfg.name})" if read_source(backbone_path) else ""
+            raise RecipeError(f"backbone.num_layers={cfg.num_layers}: the backbone has only {available} layers{origin}; "
+                              f"choose at most {available}")
         # the first N layers' weights load as usual; the later ones are simply not read
         backbone_config.num_hidden_layers = cfg.num_layers
     task = TASKS[recipe.task]
@@ -181,5 +190,7 @@ def build_model(recipe: RecipeConfig, backbone_path: Path, labels: list[str] | N
         finally:
             transformers_logging.set_verbosity(verbosity)
     model.backbone.to(dtype)
+    if cfg.keep_head:  # the run's trained head replaces the seeded one, once its task and labels are checked
+        load_head(model, backbone_path, recipe, labels)
     model.classifier.float()  # the head stays float32 whatever the backbone's dtype
     return model

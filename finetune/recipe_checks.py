@@ -149,6 +149,11 @@ def _recovery_lr_idle(r) -> str | None:
     return None if r.prune.finetune_epochs > 0 else "prune.finetune_epochs=0 (no recovery fine-tune runs)"
 
 
+def _transfer_idle(r) -> str | None:
+    return None if r.backbone.pretrained else \
+        "backbone.pretrained=false (a random backbone continues no run's head or optimizer state)"
+
+
 PRUNED = ("magnitude", "heads", "layers")
 SWITCH_CACHE = ("policy.kind", "policy.freeze_embeddings", "policy.freeze_layers", "backbone.pretrained", "task")
 
@@ -160,6 +165,8 @@ UNUSED: list[Unused] = [
     *(Unused(f"policy.{field}", ("policy.kind",), _freeze_idle) for field in ("freeze_embeddings", "freeze_layers")),
     Unused("train.cache_features", SWITCH_CACHE, _cache_idle, flagged=lambda value: value is True),
     Unused("output.merge_lora", ("policy.kind",), _merge_idle, flagged=lambda value: value is True),
+    *(Unused(f"backbone.{field}", ("backbone.pretrained",), _transfer_idle, flagged=lambda value: value is True)
+      for field in ("keep_head", "warm_optimizer")),
     Unused("head.hidden_size", ("head.type",),
            lambda r: None if r.head.type == "mlp" else f"head.type={r.head.type} (the width of the MLP head)"),
     *(Unused(key, ("task",), _multi_label_idle)

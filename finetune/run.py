@@ -17,6 +17,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -30,8 +31,9 @@ from finetune import runs
 from finetune import data as data_lib
 from finetune import data_report as data_report_lib
 from finetune import features as features_lib
+from finetune import transfer
 from finetune.backbones import build_model, default_pooling, resolve_backbone
-from finetune.config import RecipeConfig, RecipeError
+from finetune.config import RecipeConfig, RecipeError, run_lineage
 from finetune.errors import Interrupted, RunFolderError
 from finetune.fingerprint import check_same_data, data_fingerprint
 from finetune.loop import Loop, TrainState, evaluate, make_optimizer
@@ -159,6 +161,9 @@ class Run(Loop):
             torch.set_num_threads(recipe.train.cpu_threads or max(1, cores // accelerator.num_processes))
 
         self.backbone_path = resolve_backbone(recipe.backbone)
+        self.source = transfer.read_source(self.backbone_path)  # backbone.name a finished run (finetune.transfer)
+        # the lineage of the weights actually read (a saved recipe may carry an older one)
+        recipe.backbone.source = run_lineage(recipe.backbone.name) if self.source else None
         if recipe.head.pooling == "auto":
             recipe.head.pooling = default_pooling(self.backbone_path)
         self.tokenizer = AutoTokenizer.from_pretrained(self.backbone_path, revision=recipe.backbone.revision,
@@ -187,7 +192,8 @@ class Run(Loop):
         if binary and len(self.labels or []) != 2:
             raise RecipeError(f"eval.metrics: {binary} score the positive class of a binary task, but there are "
                               f"{len(self.labels or [])} labels; use the _macro/_micro/_weighted variants")
-        model = model if model is not None else build_model(recipe, self.backbone_path, self.labels)
+        built = model is None  # a given model (pruning's recovery) starts from no run's head or optimizer
+        model = build_model(recipe, self.backbone_path, self.labels) if built else model
         # peft injects adapters in place: keep the untouched model to save as the adapter's base
         # (new module objects around the same tensors: adapters never write to the base weights, and the head
         # they train is peft's copy, so sharing them costs no memory where a deep copy cost the whole model)
@@ -196,6 +202,8 @@ class Run(Loop):
         self.base_model = copy.deepcopy(model, memo=shared) if keep_base else None
         self.model = apply_policy(model, recipe)
         self.trainable, self.total = count_parameters(self.model)
+        self.warm_start = (transfer.warm_start_file(recipe, self.source, self.model)
+                           if built and recipe.backbone.warm_optimizer else None)
         self.full_model, self.features = self.model, None  # features: the frozen part's cached outputs per split
         started, self.feature_seconds = time.perf_counter(), 0.0
         if features_lib.applies(recipe) and features_lib.supports(self.model, recipe):
@@ -255,6 +263,8 @@ class Run(Loop):
                  "es" if accelerator.num_processes > 1 else "", accelerator.device, torch.get_num_threads())
         log.info("backbone %s from %s (%s, pooling %s)", recipe.backbone.name, self.backbone_path,
                  "pretrained" if recipe.backbone.pretrained else "random init", recipe.head.pooling)
+        for line in transfer.describe(self.source, recipe, self.labels) if self.source else ():
+            log.info(line)
         data_report_lib.log_report(self.data_report)  # per split: rows, drops, labels, lengths, truncated share
         log.info("policy %s: %s trainable of %s parameters (%.2f%%)", recipe.policy.kind, f"{self.trainable:,}",
                  f"{self.total:,}", 100 * self.trainable / self.total)
@@ -297,6 +307,11 @@ class Run(Loop):
         accelerator.register_for_checkpointing(self.scheduler)
         if resuming:
             self._restore()
+        elif self.warm_start is not None:  # the moments only: this recipe's learning rates and a fresh schedule
+            restored = transfer.restore_optimizer(self.optimizer, accelerator.unwrap_model(self.model),
+                                                  Path(self.source["path"]))
+            log.info("optimizer: AdamW moments of %d parameter tensors from %s (backbone.warm_optimizer); the "
+                     "learning-rate schedule starts fresh", restored, self.warm_start)
         accelerator.init_trackers(recipe.name, config={k: str(v) for k, v in recipe.to_dict()["train"].items()})
         self.setup_seconds = time.perf_counter() - self.started
 
