@@ -8,6 +8,7 @@
     finetune prune --model RUN_DIR --method magnitude --sparsity 0.5
     finetune ensemble --from-sweep SWEEP_DIR --top-k 3
     finetune compare --recipe sst2_minilm_full --variants pretrained,scratch
+    finetune analyze RUN_DIR --split test
 """
 
 from __future__ import annotations
@@ -54,6 +55,12 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in output.dir")
     parser.add_argument("--merge", action="store_true",
                         help="adapter policies (lora, dora, ia3): also save a merged full model under merged/")
+    parser.add_argument("--from", dest="from_run", metavar="RUN",
+                        help="continue the finished run folder RUN on this recipe's data: sets backbone.name=RUN and "
+                             "backbone.keep_head=true (same task, head and labels)")
+    parser.add_argument("--warm-optimizer", action="store_true",
+                        help="with --from: also start from RUN's AdamW moments (RUN kept checkpoints/last: "
+                             "output.keep=model+checkpoint or all); the learning-rate schedule starts fresh")
 
 
 def train_command(args: argparse.Namespace) -> int:
@@ -61,6 +68,7 @@ def train_command(args: argparse.Namespace) -> int:
     from finetune.processes import end_processes
 
     overrides = list(args.overrides) + (["output.merge_lora=true"] if args.merge else [])
+    overrides = _continued_from(args) + overrides
     recipe = recipes.load(args.recipe, *overrides)
     if args.resume and not recipe.output.dir:
         raise RecipeError("--resume needs output.dir=RUN_DIR naming the run to continue")
@@ -71,6 +79,19 @@ def train_command(args: argparse.Namespace) -> int:
         print(json.dumps({"run_dir": str(result.run_dir), **result.metrics}))
     end_processes()
     return 0
+
+
+def _continued_from(args: argparse.Namespace) -> list[str]:
+    """--from RUN [--warm-optimizer] as the overrides they stand for (finetune.transfer)."""
+    if not args.from_run:
+        if args.warm_optimizer:
+            raise RecipeError("--warm-optimizer needs --from RUN (the finished run whose optimizer state to start from)")
+        return []
+    named = [o for o in args.overrides if o.partition("=")[0].strip() == "backbone.name"]
+    if named:
+        raise RecipeError(f"--from {args.from_run} and {named[0]} both name the backbone; pass one of them")
+    return [f"backbone.name={args.from_run}", "backbone.keep_head=true",
+            *(["backbone.warm_optimizer=true"] if args.warm_optimizer else [])]
 
 
 def is_main_process() -> bool:
@@ -248,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("prune", "finetune.prune", "prune a finished run (magnitude, heads, layers) and report before/after"),
         ("ensemble", "finetune.ensemble", "combine finished runs or a sweep's best trials into an ensemble"),
         ("compare", "finetune.compare", "train recipe variants side by side (pretrained/scratch, full/lora/head_only)"),
+        ("analyze", "finetune.analysis", "what a run or ensemble gets right and wrong on a split: report.md, JSON, PNGs"),
     ]:
         sub = commands.add_parser(name, help=help_text)
         sub.set_defaults(handler=_lazy_command(module))

@@ -36,13 +36,13 @@ from pathlib import Path
 from typing import Any
 
 from finetune import runs
-from finetune.runs import output_home
+from finetune.compare_report import ComparisonResult, Curve, write_outputs
 from finetune.config import RecipeConfig, RecipeError
+from finetune.durable import atomic_write_text
 from finetune.metrics import greater_is_better
 from finetune.policies import POLICIES
+from finetune.runs import output_home
 from finetune.techniques import run_recipe
-from finetune.compare_report import ComparisonResult, Curve, write_outputs
-from finetune.durable import atomic_write_text
 
 log = logging.getLogger("finetune")
 

@@ -9,6 +9,7 @@ A key that would be ignored under the other settings (LoRA keys with kind=full) 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from types import SimpleNamespace
@@ -41,9 +42,51 @@ def _caller_checks_unused(info: ValidationInfo) -> bool:
     return isinstance(info.context, dict) and info.context.get("unused_settings") is not None
 
 
+# the run-folder files lineage reads (finetune.runs.RECIPE and METRICS; finetune.runs sits above the schema)
+RUN_RECIPE, RUN_METRICS = "recipe.yaml", "metrics.json"
+
+
+class BackboneSource(Strict):
+    """Where a backbone taken from a finished run came from: the recipe records it as the run's lineage."""
+
+    run: str
+    """backbone.name as given (the source run folder)."""
+    recipe: str | None = None
+    """The source run's recipe name."""
+    policy: str | None = None
+    """The source run's policy.kind."""
+    backbone: str | None = None
+    """The source run's own backbone.name (one step further back)."""
+    fingerprint: str | None = None
+    """Hash of the source run's recipe.yaml and metrics.json: training that folder again gives another."""
+
+
+def run_lineage(name: str) -> BackboneSource | None:
+    """The lineage of ``name`` when it is a run folder (it holds recipe.yaml), else None. Reads two small files."""
+    folder = Path(name).expanduser()
+    try:
+        text = (folder / RUN_RECIPE).read_bytes()
+        metrics = (folder / RUN_METRICS).read_bytes() if (folder / RUN_METRICS).is_file() else b""
+        saved = yaml.safe_load(text)
+    except (OSError, yaml.YAMLError):  # not a run folder, or a damaged one: resolving the backbone says why
+        return None
+    saved = saved if isinstance(saved, dict) else {}
+
+    def text_at(*keys: str) -> str | None:
+        node: Any = saved
+        for key in keys:
+            node = node.get(key) if isinstance(node, dict) else None
+        return node if isinstance(node, str) else None
+
+    return BackboneSource(run=name, recipe=text_at("name"), policy=text_at("policy", "kind"),
+                          backbone=text_at("backbone", "name"),
+                          fingerprint=hashlib.blake2b(text + b"\0" + metrics, digest_size=8).hexdigest())
+
+
 class BackboneConfig(Strict):
     name: str
-    """Hugging Face hub id (resolved through local mirrors when offline) or a local folder."""
+    """Hugging Face hub id (resolved through local mirrors when offline), a local model folder, or a finished
+    run folder (runs/X): its fine-tuned encoder (a LoRA/DoRA/IA3 adapter merged in), tokenizer and pooling."""
     pretrained: bool = True
     """False builds the same architecture with random weights (transfer-vs-scratch baselines)."""
     revision: str | None = None
@@ -54,6 +97,34 @@ class BackboneConfig(Strict):
     """Allow model code shipped with the checkpoint to run. Off unless you trust its source."""
     num_layers: int | None = Field(default=None, gt=0)
     """Keep only the first N encoder layers (a truncated, cheaper backbone; default: all)."""
+    keep_head: bool = False
+    """With backbone.name a run folder: continue with that run's trained head (same task, head type and size,
+    and the same labels in the same order); false: a new head seeded by train.seed."""
+    warm_optimizer: bool = False
+    """With keep_head: start from the run's AdamW moments (it must have kept checkpoints/last: output.keep=
+    model+checkpoint or all); the learning-rate schedule starts fresh."""
+    source: BackboneSource | None = None
+    """Filled in, not set: the lineage of the run backbone.name names (None for other backbones); a value whose
+    run differs from backbone.name is replaced."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _record_source(cls, raw: Any) -> Any:
+        # a saved recipe keeps the lineage it ran with, even once its source folder is gone or trained again
+        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+            return raw
+        given = raw.get("source")
+        given_run = given.get("run") if isinstance(given, dict) else getattr(given, "run", None)
+        if given is not None and given_run == raw["name"]:
+            return raw
+        return {**raw, "source": run_lineage(raw["name"])}
+
+    @model_validator(mode="after")
+    def _warm_start_keeps_the_head(self) -> BackboneConfig:
+        if self.warm_optimizer and not self.keep_head:
+            raise ValueError("warm_optimizer=true needs keep_head=true: the run's optimizer moments belong to its "
+                             "trained head too")
+        return self
 
 
 class HeadConfig(Strict):
@@ -177,6 +248,10 @@ class EvalConfig(Strict):
     tune_thresholds: bool = False
     """task=multi_label_classification: after training, tune one threshold per label on validation (the one
     maximising that label's F1, see finetune.thresholds); saved in the model's config.json, used by predict and eval."""
+    analyze: bool = True
+    """After ``finetune train`` / ``Recipe.run()``: write RUN/analysis/ (``finetune analyze`` on the test split: per-class
+    scores, confusions, worst errors, calibration) at the cost of one more pass over test. Sweep trials and compare's
+    variants skip it; ``finetune analyze RUN`` writes it on demand."""
 
     @field_validator("metrics")
     @classmethod

@@ -30,9 +30,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from finetune.progress import bar
 from finetune.config import RecipeConfig
 from finetune.policies import policy_of
+from finetune.progress import bar
 from finetune.tasks import TASKS
 
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt")

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator
 
-from finetune.progress import bar
 from finetune import runs
 from finetune.config import RecipeConfig, RecipeError
 from finetune.errors import RunFolderError, TrainingDiverged
@@ -29,14 +28,15 @@ from finetune.policies import policy_of
 from finetune.processes import (
     write_to_log_file,
 )
+from finetune.progress import bar
 from finetune.runs import (
     atomic_write_text,
     kept,
     replace_dir,
     train_command,
 )
-from finetune.weights import save_trainable
 from finetune.tasks import TASKS
+from finetune.weights import save_trainable
 
 log = logging.getLogger("finetune")
 

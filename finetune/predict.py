@@ -21,6 +21,10 @@ class LoadedRun:
     tokenizer: object
     recipe: RecipeConfig
     labels: list[str] | None
+    temperature: float | None = None
+    """Single-label classification only: ``predict`` divides the logits by it (``calibration.json``, fitted by
+    ``finetune analyze --fit-temperature``); None: none fitted. Ensembles average their members' uncalibrated
+    probabilities, and ``evaluate_run`` reports the uncalibrated loss."""
 
 
 def check_run_folder(run_dir: str | Path, flag: str = "--model") -> RecipeConfig:
@@ -99,14 +103,34 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     labels = [label_map[str(i)] for i in range(len(label_map))] or None
     with _reading(run_dir / "tokenizer.json"):
         tokenizer = AutoTokenizer.from_pretrained(str(run_dir))
-    return LoadedRun(model, tokenizer, recipe, labels)
+    return LoadedRun(model, tokenizer, recipe, labels, stored_temperature(run_dir, recipe))
+
+
+def stored_temperature(run_dir: Path, recipe: RecipeConfig) -> float | None:
+    """The temperature in ``calibration.json`` for a single-label classifier, else None (other tasks have no
+    softmax to scale: multi-label thresholds are tuned instead).
+
+    Raises:
+        RunFolderError: the file is damaged or its temperature is not a positive number.
+    """
+    file = run_dir / runs.CALIBRATION
+    if recipe.task != "classification" or not file.is_file():
+        return None
+    with _reading(file):
+        saved = json.loads(file.read_text())
+    temperature = saved.get("temperature") if isinstance(saved, dict) else None
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
+        raise RunFolderError(f"{file}: temperature {temperature!r} is not a positive number; fit it again with "
+                             f"finetune analyze {run_dir} --fit-temperature, or delete the file")
+    return float(temperature)
 
 
 @torch.no_grad()
 def predict(run: LoadedRun, texts: list, pairs: list | None = None, batch_size: int = 64) -> list[dict]:
     """Predict a list of texts (or word lists for token classification).
 
-    Returns one dict per input: ``label`` and ``probabilities`` (classification), ``score``
+    Returns one dict per input: ``label`` and ``probabilities`` (classification; divided by the run's
+    ``temperature`` when one was fitted), ``score``
     (regression), ``tags`` (token classification), or ``labels`` above their thresholds (the model's
     ``config.thresholds``) and ``probabilities`` (multi-label classification).
     """
@@ -120,7 +144,10 @@ def predict(run: LoadedRun, texts: list, pairs: list | None = None, batch_size: 
         pair_chunk = pairs[start:start + batch_size] if pairs else None
         enc = run.tokenizer(chunk, pair_chunk, truncation=True, max_length=run.recipe.data.max_length,
                             padding=True, return_tensors="pt", is_split_into_words=task.words)
-        results += task.predict(run.model(**enc).logits.float(), enc, chunk, run.labels, thresholds)
+        logits = run.model(**enc).logits.float()
+        if run.temperature is not None and task.name == "classification":
+            logits = logits / run.temperature  # calibrated probabilities; the argmax is unchanged
+        results += task.predict(logits, enc, chunk, run.labels, thresholds)
     return results
 
 

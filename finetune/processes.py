@@ -16,8 +16,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.tracking import filter_trackers
 from accelerate.utils import broadcast_object_list
 
-from finetune import runs
-from finetune import errors, progress
+from finetune import errors, progress, runs
 from finetune.config import RecipeConfig, RecipeError
 
 T = TypeVar("T")

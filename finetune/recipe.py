@@ -19,13 +19,19 @@ class Recipe(RecipeConfig):
     """Backbone + head + policy + data + training loop: everything a run needs, and the verbs to run it."""
 
     def run(self, resume: bool = False, overwrite: bool | None = None) -> RunResult:
-        """Train, select the best evaluation, evaluate on test and save the run folder.
+        """Train, select the best evaluation, evaluate on test, save the run folder and (``eval.analyze``)
+        its analysis of the test split.
 
         Returns a ``RunResult`` (metrics, run folder, best checkpoint).
         """
-        from finetune.techniques import run_recipe  # the training stack loads when a run starts, not on import
+        from finetune.techniques import (  # the training stack loads when a run starts
+            analyze_run,
+            run_recipe,
+        )
 
-        return run_recipe(self, resume=resume, overwrite=overwrite)
+        result = run_recipe(self, resume=resume, overwrite=overwrite)
+        analyze_run(result, self)
+        return result
 
     def sweep(self, parameters: dict[str, Any], method: str = "bayes", n_trials: int | None = None, **settings):
         """Search over dotted recipe keys, e.g.

@@ -20,18 +20,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import nn
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DataLoaderConfiguration, set_seed
+from torch import nn
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, get_scheduler
 
-from finetune import runs
 from finetune import data as data_lib
 from finetune import data_report as data_report_lib
 from finetune import features as features_lib
-from finetune import transfer
+from finetune import runs, transfer
 from finetune.backbones import build_model, default_pooling, resolve_backbone
 from finetune.config import RecipeConfig, RecipeError, run_lineage
 from finetune.errors import Interrupted, RunFolderError

@@ -16,6 +16,8 @@ written by ``finetune.publish``.
       adapter_config.json, adapter_model.safetensors, base/                   (lora, dora, ia3; merged/ with merge_lora)
       checkpoints/last/      resumable training state;  checkpoints/last/best.safetensors  best trainable weights
       pruned/, pruned-*/     pruned runs;  <recipe name>/, .aim/  tracker logs (output.report_to)
+      analysis/              finetune analyze's report (report.md, analysis.json, PNGs)
+      calibration.json       a temperature fitted by finetune analyze --fit-temperature (predict applies it)
       .lock                  held (flock) while a run writes here
 
 Everything is written to a temporary name, flushed to disk and moved into place, so an
@@ -64,6 +66,8 @@ DATA_REPORT = "data_report.json"
 DATA_FINGERPRINT = "data_fingerprint.json"
 LABEL_MAP = "label_map.json"
 MODEL_REMOVED = "MODEL_REMOVED.txt"  # a sweep removed this trial's model to save disk
+ANALYSIS = "analysis"  # finetune analyze's report folder
+CALIBRATION = "calibration.json"  # the temperature finetune analyze --fit-temperature fitted; predict applies it
 CHECKPOINTS = "checkpoints"
 CHECKPOINT = Path(CHECKPOINTS) / "last"
 BEST_WEIGHTS = "best.safetensors"  # inside CHECKPOINT: the best evaluation's trainable weights
@@ -75,11 +79,11 @@ MODEL_FILES = ("config.json", "model.safetensors", "model-*-of-*.safetensors", "
                "chat_template.*", "README.md", *TEMPORARY)
 RUN_FILES = (*MODEL_FILES, RECIPE, LOG, HISTORY, METRICS, DATA_REPORT, DATA_FINGERPRINT, "adapter_config.json",
              "adapter_model.safetensors", "prune_report.json", "prune_report.md", MODEL_REMOVED, "sweep_trial.json",
-             LOCK_FILE)
-KEPT_WITHOUT_MODEL = {RECIPE, LOG, HISTORY, METRICS, "README.md", LABEL_MAP}  # what remove_model leaves
+             CALIBRATION, LOCK_FILE)
+KEPT_WITHOUT_MODEL = {RECIPE, LOG, HISTORY, METRICS, "README.md", LABEL_MAP, ANALYSIS}  # what remove_model leaves
 # folder name -> what it holds: "model" (MODEL_FILES), "run" (a run folder), None (a library's own files)
 RUN_FOLDERS = {CHECKPOINTS: None, "base": "model", "merged": "model", "pruned": "run", "pruned-*": "run",
-               ".aim": None, ".*.tmp": None, ".*.old": None}
+               ".aim": None, ANALYSIS: None, ".*.tmp": None, ".*.old": None}
 
 
 @dataclass

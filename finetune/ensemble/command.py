@@ -14,11 +14,11 @@ import torch
 import yaml
 
 from finetune.config import RecipeError
+from finetune.durable import link_or_copy
 from finetune.ensemble.artefact import Ensemble, is_ensemble
 from finetune.ensemble.combine import METHODS
 from finetune.ensemble.members import Member, has_model, load_members
 from finetune.ensemble.select import Pool, markdown
-from finetune.durable import link_or_copy
 from finetune.processes import command_logging
 from finetune.runs import output_home
 from finetune.tasks import TASKS

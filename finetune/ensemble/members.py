@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from finetune.progress import bar
 from finetune import runs
 from finetune.config import RecipeError
 from finetune.predict import LoadedRun, load_run
+from finetune.progress import bar
 from finetune.tasks import TASKS
 
 log = logging.getLogger("finetune.ensemble")  # one logger for the package: setup_logging configures it

@@ -10,7 +10,6 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from finetune.progress import bar
 from finetune.config import RecipeError
 from finetune.modeling import (
     attention_projections,
@@ -18,6 +17,7 @@ from finetune.modeling import (
     head_count,
     remove_heads,
 )
+from finetune.progress import bar
 
 log = logging.getLogger("finetune")
 

@@ -26,7 +26,6 @@ import contextlib
 import fcntl
 import json
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable
@@ -35,13 +34,13 @@ from typing import TYPE_CHECKING
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
-from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
 from finetune.config import RecipeError
 from finetune.sweep import widen
 from finetune.sweep.config import SweepConfig
 from finetune.sweep.space import grid_points
+from finetune.sweep.storage import open_storage  # noqa: F401 - also read from here
 from finetune.sweep.trials import (
     CONFIG,
     SLOTS,
@@ -56,23 +55,6 @@ if TYPE_CHECKING:
 
 HEARTBEAT = "finetune:heartbeat"
 log = logging.getLogger("finetune.sweep")
-
-
-def open_storage(url: str | None, sweep_dir: Path) -> optuna.storages.BaseStorage:
-    if url is None:
-        return JournalStorage(JournalFileBackend(str(sweep_dir / "study.journal")))
-    if "://" in url:
-        # Workers starting together on a fresh database race to create Optuna's tables; the loser
-        # gets a unique-constraint error and succeeds on a second try, once the tables exist.
-        for attempt in range(5):
-            try:
-                return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
-            except Exception as err:  # noqa: BLE001 - sqlalchemy and driver errors vary; name the URL
-                if attempt < 4 and "IntegrityError" in type(err).__name__ + str(err):
-                    time.sleep(0.5 + random.random())
-                    continue
-                raise RecipeError(f"sweep.storage: cannot open {url!r}: {type(err).__name__}: {err}") from None
-    return JournalStorage(JournalFileBackend(url))
 
 
 def make_sampler(cfg: SweepConfig, seed: int) -> optuna.samplers.BaseSampler:

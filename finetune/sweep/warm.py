@@ -35,7 +35,7 @@ from finetune.sweep.space import (
     settings_of,
     to_overrides,
 )
-from finetune.sweep.study import open_storage
+from finetune.sweep.storage import open_storage
 from finetune.sweep.trials import (
     CONFIG,
     WARM_FROM,
