@@ -230,3 +230,12 @@ def test_modules_import_only_allowed_libraries():
             else:
                 continue
             assert {n.split(".")[0] for n in names} <= {"numpy", "scipy", "datasets", "evaluate"}, path
+
+
+def test_seqeval_reads_tags_without_a_prefix_as_entity_types():
+    """Plain tags (PER, XER) are entity types, as finetune analyze reads them: seqeval itself would read
+    prefix "P", type "ER" and merge PER with XER."""
+    results = metrics._load_shipped("seqeval").compute(predictions=[["PER", "PER", "O", "XER"]],
+                                                       references=[["PER", "PER", "O", "PER"]])
+    assert set(results) >= {"PER"} and "ER" not in results
+    assert results["PER"] == pytest.approx({"precision": 1.0, "recall": 0.5, "f1": 2 / 3, "number": 2})

@@ -25,7 +25,10 @@ Returns:
 
 
 def _split(tag):
-    # Same parsing as seqeval: "B-PER" -> ("B", "PER"); "O" -> ("O", "_").
+    # As seqeval: "B-PER" -> ("B", "PER"); "O" -> ("O", "_"). A tag with no prefix ("PER") is read as "I-PER"
+    # (a run of one tag is one entity), where seqeval would read prefix "P" and type "ER".
+    if tag not in ("O", ".") and tag[1:2] != "-":
+        return "I", tag
     return tag[:1], tag[1:].split("-", maxsplit=1)[-1] or "_"
 
 
