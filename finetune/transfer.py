@@ -259,6 +259,9 @@ def describe(source: dict[str, Any], recipe: RecipeConfig, labels: list[str] | N
     elif not head_differences(source, recipe, labels):
         lines.append(f"head: new, seeded by train.seed={recipe.train.seed}; backbone.keep_head=true would continue "
                      f"with the trained head of run {run} (same labels)")
+    else:
+        lines.append(f"head: new, seeded by train.seed={recipe.train.seed} (the run's head is for another task or "
+                     "label set)")
     if (Path(source["path"]) / "pruned" / runs.RECIPE).is_file():
         lines.append(f"run {run} also holds a pruned model: name {Path(run) / 'pruned'} to start from that one")
     return lines
