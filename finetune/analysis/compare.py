@@ -116,6 +116,6 @@ def _console(s: dict, name_a: str, name_b: str) -> list[str]:
               f"{name_a} right {s['only_a_right']}, only {name_b} right {s['only_b_right']}; McNemar exact "
               f"p = {s['mcnemar_exact_p']:.4g}")]
     if moved:
-        lines.append("largest per-class F1 changes (B − A): " + ", ".join(
+        lines.append(f"largest per-class F1 differences ({name_b} − {name_a}): " + ", ".join(
             f"{shorten(c['label'], 24)} {c['difference']:+.2f}" for c in moved))
     return lines
