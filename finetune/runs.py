@@ -83,7 +83,8 @@ RUN_FILES = (*MODEL_FILES, RECIPE, LOG, HISTORY, METRICS, DATA_REPORT, DATA_FING
 KEPT_WITHOUT_MODEL = {RECIPE, LOG, HISTORY, METRICS, "README.md", LABEL_MAP, ANALYSIS}  # what remove_model leaves
 # folder name -> what it holds: "model" (MODEL_FILES), "run" (a run folder), None (a library's own files)
 RUN_FOLDERS = {CHECKPOINTS: None, "base": "model", "merged": "model", "pruned": "run", "pruned-*": "run",
-               ".aim": None, ANALYSIS: None, ".*.tmp": None, ".*.old": None}
+               ".aim": None, ANALYSIS: "analysis", ".*.tmp": None, ".*.old": None}
+ANALYSIS_FILES = ("report.md", "analysis.json", "*.png")  # what finetune analyze writes (no sub-folders)
 
 
 @dataclass
@@ -121,10 +122,12 @@ def _unknown(folder: Path, prefix: str, trackers: set[str], patterns: tuple[str,
         if name in trackers:
             continue
         kind = next((kind for pattern, kind in RUN_FOLDERS.items() if fnmatchcase(name, pattern)), "unknown")
-        if kind == "unknown" or patterns is MODEL_FILES:  # an exported model has no sub-folders
+        if kind == "unknown" or patterns is not RUN_FILES:  # an exported model or an analysis has no sub-folders
             found.append(relative + "/")
         elif kind == "model":
             found += _unknown(item, relative + "/", set(), MODEL_FILES)
+        elif kind == "analysis":
+            found += _unknown(item, relative + "/", set(), ANALYSIS_FILES)
         elif kind == "run":
             found += _unknown(item, relative + "/", set())
         # None: a library's own files (Accelerate's checkpoint state, tracker logs)

@@ -167,6 +167,11 @@ def test_report_is_written_and_bad_slices_and_folders_are_refused(tmp_path):
     with pytest.raises(RecipeError, match="holds no analysis"):
         analyze_outputs(outputs, tmp_path / "precious")
     assert (tmp_path / "precious" / "notes.txt").read_text() == "mine"
+    # an earlier analysis is replaced, but not a file someone added to it
+    (tmp_path / "analysis" / "my_notes.md").write_text("mine too")
+    with pytest.raises(RecipeError, match=r"holds files finetune analyze did not write \(my_notes.md\)"):
+        analyze_outputs(outputs, tmp_path / "analysis")
+    assert (tmp_path / "analysis" / "my_notes.md").read_text() == "mine too"
 
 
 def test_compare_counts_and_refuses_other_labels():

@@ -58,7 +58,8 @@ def copied_run(finished_run, tiny_backbone, sentiment_dir, tmp_path) -> tuple[Pa
 # --- --overwrite and --resume ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("user_file, named", [("notes.txt", "notes.txt"), ("analysis/plot.py", "analysis/"),
+@pytest.mark.parametrize("user_file, named", [("notes.txt", "notes.txt"), ("analysis/plot.py", "analysis/plot.py"),
+                                              ("notebooks/plot.py", "notebooks/"),
                                               ("pruned/mine.csv", "pruned/mine.csv")])
 def test_overwrite_refuses_to_delete_files_finetune_did_not_write(capsys, copied_run, tmp_path, user_file, named):
     path, run_dir = copied_run

@@ -18,8 +18,10 @@ import json
 import logging
 import shutil
 from collections.abc import Callable, Sequence
+from fnmatch import fnmatchcase
 from pathlib import Path
 
+from finetune import runs
 from finetune.analysis.outputs import Analysis, SplitOutputs
 from finetune.analysis.text import clean
 from finetune.durable import atomic_write_text, replace_dir
@@ -97,6 +99,12 @@ def check_output(folder: Path, flag: str = "--output") -> None:
     if folder.is_dir() and any(folder.iterdir()) and not (folder / SUMMARY).is_file():
         raise RunFolderError(f"{flag}: {folder} is not empty and holds no analysis ({SUMMARY}); choose an empty "
                              "or new folder")
+    theirs = [p.name + ("/" if p.is_dir() else "") for p in sorted(folder.iterdir())
+              if p.is_dir() or not any(fnmatchcase(p.name, pattern) for pattern in runs.ANALYSIS_FILES)] \
+        if folder.is_dir() else []
+    if theirs:  # replacing the analysis would delete them
+        raise RunFolderError(f"{flag}: {folder} holds files finetune analyze did not write ({', '.join(theirs[:5])}); "
+                             "move them out, or choose another folder")
 
 
 def _markdown(outputs: SplitOutputs, sections: dict[str, Analysis]) -> str:
