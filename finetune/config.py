@@ -27,6 +27,7 @@ from pydantic import (
 
 from finetune import schema
 from finetune.data_config import ColumnsConfig, DataConfig, SplitsConfig  # noqa: F401  (re-exported)
+from finetune.distill_config import DistillConfig
 from finetune.errors import RecipeError  # noqa: F401  (re-exported: the name users catch)
 from finetune.recipe_checks import UNUSED, describe_unused, unused_settings
 from finetune.recipe_file import Origins, read_recipe_file  # noqa: F401  (read_recipe_file: re-exported)
@@ -338,6 +339,7 @@ class RecipeConfig(Strict):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     prune: PruneConfig = PruneConfig()
+    distill: DistillConfig = DistillConfig()
     output: OutputConfig = OutputConfig()
 
     @model_validator(mode="before")

@@ -42,7 +42,7 @@ def applies(recipe: RecipeConfig) -> bool:
     """The policy has a frozen part to cache (``Policy.cache``: head_only's pooled vectors on sequence tasks,
     freeze's hidden states after frozen embeddings + first N layers), on a pretrained backbone (a random
     one is redrawn per seed). Whether the architecture allows hidden states is checked by ``supports``."""
-    if not (recipe.train.cache_features and recipe.backbone.pretrained):
+    if not (recipe.train.cache_features and recipe.backbone.pretrained) or recipe.distill.teacher is not None:
         return False
     return policy_of(recipe).cache(recipe) is not None
 

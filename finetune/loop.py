@@ -118,6 +118,9 @@ class Loop:
     """The loop over a run's prepared parts (``finetune.run.Run`` builds them): train, validate,
     checkpoint, resume."""
 
+    distillation = None
+    """``finetune.distill.student.Distillation`` when the recipe has a teacher: the loss mixes its targets in."""
+
     def _restore(self) -> None:
         try:
             self.accelerator.load_state(str(self.last_dir))
@@ -155,7 +158,7 @@ class Loop:
             self.sampler.set_epoch(state.epoch)  # ... which a skipping DDP loader doesn't pass on to our sampler
             for batch in loader:
                 with accelerator.accumulate(model):
-                    loss = model(**batch).loss
+                    loss = model(**batch).loss if self.distillation is None else self.distillation.loss(model, batch)
                     self._stop_if_diverged(loss)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.max_grad_norm:

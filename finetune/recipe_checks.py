@@ -116,6 +116,8 @@ def _freeze_idle(r) -> str | None:
 def _cache_idle(r) -> str | None:
     # mirrors finetune.features.applies (which this layer must not import); a test keeps them in step
     kind = r.policy.kind
+    if r.distill.teacher is not None:
+        return "distill.teacher is set (a student reads its teacher's targets beside each batch of tokens)"
     if not r.backbone.pretrained:
         return "backbone.pretrained=false (a random backbone is redrawn per seed, so there is nothing to cache)"
     if kind == "head_only":
@@ -149,13 +151,18 @@ def _recovery_lr_idle(r) -> str | None:
     return None if r.prune.finetune_epochs > 0 else "prune.finetune_epochs=0 (no recovery fine-tune runs)"
 
 
+def _distill_idle(r) -> str | None:
+    return None if r.distill.teacher is not None else "distill.teacher=null (no teacher: nothing is distilled)"
+
+
 def _transfer_idle(r) -> str | None:
     return None if r.backbone.pretrained else \
         "backbone.pretrained=false (a random backbone continues no run's head or optimizer state)"
 
 
 PRUNED = ("magnitude", "heads", "layers")
-SWITCH_CACHE = ("policy.kind", "policy.freeze_embeddings", "policy.freeze_layers", "backbone.pretrained", "task")
+SWITCH_CACHE = ("policy.kind", "policy.freeze_embeddings", "policy.freeze_layers", "backbone.pretrained", "task",
+                "distill.teacher")
 
 UNUSED: list[Unused] = [
     *(Unused(f"policy.lora.{field}", ("policy.kind",), _lora_idle)
@@ -180,6 +187,8 @@ UNUSED: list[Unused] = [
     Unused("prune.importance_samples", ("prune.method",), _prune_idle("heads", "layers")),
     Unused("prune.finetune_epochs", ("prune.method",), _prune_idle(*PRUNED)),
     Unused("prune.finetune_lr", ("prune.method", "prune.finetune_epochs"), _recovery_lr_idle),
+    *(Unused(f"distill.{field}", ("distill.teacher",), _distill_idle)
+      for field in ("temperature", "alpha", "unlabeled", "max_unlabeled")),
 ]
 
 

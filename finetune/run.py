@@ -33,6 +33,7 @@ from finetune import features as features_lib
 from finetune import runs, transfer
 from finetune.backbones import build_model, default_pooling, resolve_backbone
 from finetune.config import RecipeConfig, RecipeError, run_lineage
+from finetune.distill.student import Distillation
 from finetune.errors import Interrupted, RunFolderError
 from finetune.fingerprint import check_same_data, data_fingerprint
 from finetune.loop import Loop, TrainState, evaluate, make_optimizer
@@ -187,6 +188,11 @@ class Run(Loop):
             self.data_report = reuse(("data-report",) + key,
                                      lambda: data_report_lib.data_report(recipe, raw, self.tokenised, self.tokenizer))
         self.split_rows = split_rows(raw)  # what the model card says each score was computed on
+        self.distillation = None  # distill.teacher: the teacher's targets beside the training rows
+        if recipe.distill.teacher is not None:
+            with accelerator.main_process_first():  # the main process runs the teacher, the others read its cache
+                self.distillation = Distillation(recipe, raw["train"], self.tokenised["train"], self.tokenizer,
+                                                 self.labels)
         binary = sorted(BINARY_ONLY & set(recipe.eval.metrics))
         if binary and len(self.labels or []) != 2:
             raise RecipeError(f"eval.metrics: {binary} score the positive class of a binary task, but there are "
@@ -267,11 +273,18 @@ class Run(Loop):
         data_report_lib.log_report(self.data_report)  # per split: rows, drops, labels, lengths, truncated share
         log.info("policy %s: %s trainable of %s parameters (%.2f%%)", recipe.policy.kind, f"{self.trainable:,}",
                  f"{self.total:,}", 100 * self.trainable / self.total)
+        if self.distillation is not None:
+            log.info(self.distillation.describe())
 
         splits = [split for split in ("validation", "test") if split in self.tokenised]
         if self.features is None:
             collator, pin = self.collator, accelerator.device.type == "cuda"
-            train_loader = data_lib.make_train_loader(recipe, self.tokenised["train"], collator, pin_memory=pin)
+            if self.distillation is None:
+                train_loader = data_lib.make_train_loader(recipe, self.tokenised["train"], collator, pin_memory=pin)
+            else:
+                train_loader = data_lib.make_train_loader(recipe, self.distillation.train_set,
+                                                          self.distillation.collator(collator),
+                                                          self.distillation.lengths, pin_memory=pin)
             eval_loaders = {split: data_lib.make_eval_loader(recipe, self.tokenised[split], collator, pin_memory=pin)
                             for split in splits}
             trained = self.model
@@ -343,6 +356,8 @@ class Run(Loop):
                               "checkpoint": round(state.checkpoint_seconds, 2),
                               "test": round(time.perf_counter() - test_started, 2)},
                      data=data_report_lib.metrics_summary(self.data_report))
+        if self.distillation is not None:
+            final["distill"] = self.distillation.summary
         if accelerator.is_main_process:
             export_model(model, self.tokenizer, self.labels, self.run_dir, recipe.output.merge_lora,
                          max_length=recipe.data.max_length)
