@@ -21,6 +21,9 @@ from finetune.distill.loss import LOSSES
 from finetune.errors import DataError
 
 
+NO_ANALYSIS = {"analyze": False}  # the end-of-run analysis is tested elsewhere; these tests train many runs
+
+
 @pytest.fixture(scope="module", autouse=True)
 def private_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
@@ -31,7 +34,7 @@ def private_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def teacher_run(tiny_backbone, sentiment_dir, tmp_path_factory) -> Path:
     recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path_factory.mktemp("teacher"), train={"epochs": 5},
-                         eval={"analyze": False})
+                         eval=NO_ANALYSIS)
     return recipe.run().run_dir
 
 
@@ -49,7 +52,7 @@ def flipped_dir(sentiment_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def wrong_teacher(tiny_backbone, flipped_dir, tmp_path_factory) -> Path:
     recipe = tiny_recipe(tiny_backbone, flipped_dir, tmp_path_factory.mktemp("wrong"), train={"epochs": 5},
-                         eval={"analyze": False})
+                         eval=NO_ANALYSIS)
     run = recipe.run()
     assert run.metrics["test"]["accuracy"] > 0.85  # on the flipped labels
     return run.run_dir
@@ -120,7 +123,7 @@ def test_a_student_learns_what_its_teacher_says_not_only_the_gold_labels(wrong_t
     """A teacher trained on flipped labels: with alpha=1 the student follows it (test accuracy near 0 on the
     true labels); with alpha=0 it learns the gold labels."""
     def student(alpha: float, name: str):
-        recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path / name, train={"epochs": 3}, eval={"analyze": False},
+        recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path / name, train={"epochs": 3}, eval=NO_ANALYSIS,
                              distill={"teacher": str(wrong_teacher), "alpha": alpha, "temperature": 1.0})
         return recipe.run()
 
@@ -199,7 +202,7 @@ def test_distill_command_builds_a_smaller_student_from_the_teacher(teacher_run, 
 def test_unlabeled_text_is_labelled_by_the_teacher(teacher_run, sentiment_dir, tiny_backbone, tmp_path):
     extra = tmp_path / "extra.txt"
     extra.write_text("".join(f"{w} movie {i}\n" for i, w in enumerate(["good", "bad", "lovely", "dull"] * 10)))
-    recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path, train={"epochs": 1},
+    recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path, train={"epochs": 1}, eval=NO_ANALYSIS,
                          distill={"teacher": str(teacher_run), "unlabeled": str(extra), "max_unlabeled": 25})
     result = recipe.run()
     assert result.metrics["distill"]["unlabeled_rows"] == 25
@@ -214,11 +217,11 @@ def test_unlabeled_text_is_labelled_by_the_teacher(teacher_run, sentiment_dir, t
 @pytest.mark.parametrize("task", ["regression", "multi_label_classification", "token_classification"])
 def test_other_tasks_distil(task, tiny_backbone, regression_dir, ner_dir, tmp_path):
     if task == "regression":
-        base = tiny_recipe(tiny_backbone, regression_dir, tmp_path / "teacher", task="regression",
+        base = tiny_recipe(tiny_backbone, regression_dir, tmp_path / "teacher", task="regression", eval=NO_ANALYSIS,
                            data={"path": str(regression_dir), "columns": {"text": "text", "label": "score"},
                                  "max_length": 32})
     elif task == "token_classification":
-        base = tiny_recipe(tiny_backbone, ner_dir, tmp_path / "teacher", task="token_classification",
+        base = tiny_recipe(tiny_backbone, ner_dir, tmp_path / "teacher", task="token_classification", eval=NO_ANALYSIS,
                            data={"path": str(ner_dir), "columns": {"tags": "ner_tags"}, "max_length": 32})
     else:
         from test_multilabel import _rows
@@ -228,7 +231,7 @@ def test_other_tasks_distil(task, tiny_backbone, regression_dir, ner_dir, tmp_pa
         for seed, (split, n) in enumerate({"train": 80, "validation": 24, "test": 24}.items()):
             with open(folder / f"{split}.jsonl", "w") as f:
                 f.writelines(json.dumps({"text": t, "labels": ls}) + "\n" for t, ls in _rows(seed, n))
-        base = tiny_recipe(tiny_backbone, folder, tmp_path / "teacher", task=task,
+        base = tiny_recipe(tiny_backbone, folder, tmp_path / "teacher", task=task, eval=NO_ANALYSIS,
                            data={"path": str(folder), "columns": {"text": "text", "label": "labels"},
                                  "max_length": 32})
     teacher = base.run().run_dir
@@ -263,3 +266,16 @@ def test_bad_teachers_and_settings_are_refused(teacher_run, sentiment_dir, pairs
     shutil.copytree(teacher_run, not_finished)
     (not_finished / "model.safetensors").unlink()
     assert main(["distill", "--teacher", str(not_finished)]) != 0
+
+
+def test_a_sweep_searches_distillation_settings_and_runs_the_teacher_once(wrong_teacher, sentiment_dir,
+                                                                          tiny_backbone, tmp_path):
+    recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path, train={"epochs": 2}, eval=NO_ANALYSIS,
+                         distill={"teacher": str(wrong_teacher), "temperature": 1.0})
+    result = recipe.sweep({"distill.alpha": [0.0, 1.0]}, method="grid", dir=str(tmp_path / "sweep"))
+    accuracy = {t["params"]["distill.alpha"]: t["value"] for t in result.trials}
+    assert accuracy[0.0] > accuracy[1.0]  # following the wrong teacher costs accuracy: the key is live
+    trial_metrics = [json.loads(f.read_text()) for f in (tmp_path / "sweep").rglob("metrics.json")
+                     if "best" not in f.relative_to(tmp_path / "sweep").parts]  # best/ repeats a trial
+    sources = sorted(m["distill"]["teacher_targets"] for m in trial_metrics)
+    assert sources in (["cache", "cache"], ["cache", "computed"])  # the teacher ran at most once
