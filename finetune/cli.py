@@ -147,9 +147,12 @@ def _read_inputs(path: Path, run) -> tuple[list, list | None, list[dict] | None,
 
 def predict_command(args: argparse.Namespace) -> int:
     from finetune.ensemble import Ensemble, is_ensemble
+    from finetune.export import is_exported, load_exported
     from finetune.predict import check_run_folder, load_run, predict
 
-    if not is_ensemble(args.model):
+    # an ensemble folder and an exported one (finetune export) predict like a run (same output)
+    ensemble, exported = is_ensemble(args.model), is_exported(args.model)
+    if not ensemble and not exported:
         check_run_folder(args.model)
     _check_input_path(Path(args.input))  # all checked in a second, before the model loads
     if args.top_k is not None and args.top_k < 1:
@@ -158,10 +161,9 @@ def predict_command(args: argparse.Namespace) -> int:
     if args.output:
         predictions.check_output_file(args.output)
     started = time.perf_counter()
-    run = Ensemble.load(args.model) if is_ensemble(args.model) else load_run(args.model)
+    run = Ensemble.load(args.model) if ensemble else load_exported(args.model) if exported else load_run(args.model)
     texts, pairs, rows, input_columns = _read_inputs(Path(args.input), run)
-    # an ensemble folder predicts like a run (same output)
-    results = run.predict(texts, pairs) if is_ensemble(args.model) else predict(run, texts, pairs)
+    results = run.predict(texts, pairs) if ensemble or exported else predict(run, texts, pairs)
     results = [predictions.keep_top_k(result, args.top_k) for result in results]
     predictions.write(predictions.render(texts, results, rows, input_columns, fmt), args.output)
     if is_main_process():
@@ -249,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.path=DIR")
     evaluate.set_defaults(handler=eval_command)
     pred = commands.add_parser("predict", help="print labels and probabilities, one JSON line per input")
-    pred.add_argument("--model", required=True, help="run folder")
+    pred.add_argument("--model", required=True,
+                      help="run folder, ensemble folder (finetune ensemble) or exported folder (finetune export)")
     pred.add_argument("--input", required=True, help=".txt (one input per line) or a tsv/csv/json/jsonl/parquet file")
     pred.add_argument("--top-k", type=int, help="keep only the K most probable classes per input")
     pred.add_argument("--output", help="write to this file (written whole, then moved into place) instead of stdout")
@@ -270,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("ensemble", "finetune.ensemble", "combine finished runs or a sweep's best trials into an ensemble"),
         ("compare", "finetune.compare", "train recipe variants side by side (pretrained/scratch, full/lora/head_only)"),
         ("analyze", "finetune.analysis", "what a run or ensemble gets right and wrong on a split: report.md, JSON, PNGs"),
+        ("distill", "finetune.distill", "train a smaller student on a finished run's or an ensemble's outputs"),
+        ("export", "finetune.export", "export a finished run to ONNX / TorchScript / int8 for serving, checked"),
     ]:
         sub = commands.add_parser(name, help=help_text)
         sub.set_defaults(handler=_lazy_command(module))

@@ -237,6 +237,11 @@ def _field(recipe: Any, key: str) -> tuple[Any, str, bool]:
     return node, leaf, given and leaf in node.model_fields_set
 
 
+LATER_SECTIONS = ("distill",)
+"""Sections newer than the first saved recipes: a run folder's recipe.yaml written before one existed lacks it
+and is still a recipe written out whole (else every older run folder would fail to load)."""
+
+
 def unused_settings(recipe: Any, overridden: set[str] | frozenset[str] = frozenset(),
                     rules: list[Unused] = UNUSED, written_whole: bool | None = None) -> list[Finding]:
     """Keys the user gave that have no effect under the recipe's other settings.
@@ -246,7 +251,7 @@ def unused_settings(recipe: Any, overridden: set[str] | frozenset[str] = frozens
     value is listed because everything is, not chosen, so only values that differ from it count.
     """
     if written_whole is None:
-        written_whole = set(type(recipe).model_fields) <= recipe.model_fields_set
+        written_whole = set(type(recipe).model_fields) - set(LATER_SECTIONS) <= recipe.model_fields_set
     found = []
     for rule in rules:
         reason = rule.idle(recipe)

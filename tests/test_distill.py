@@ -20,7 +20,6 @@ from finetune.distill import teacher as teacher_lib
 from finetune.distill.loss import LOSSES
 from finetune.errors import DataError
 
-
 NO_ANALYSIS = {"analyze": False}  # the end-of-run analysis is tested elsewhere; these tests train many runs
 
 
@@ -279,3 +278,19 @@ def test_a_sweep_searches_distillation_settings_and_runs_the_teacher_once(wrong_
                      if "best" not in f.relative_to(tmp_path / "sweep").parts]  # best/ repeats a trial
     sources = sorted(m["distill"]["teacher_targets"] for m in trial_metrics)
     assert sources in (["cache", "cache"], ["cache", "computed"])  # the teacher ran at most once
+
+
+def test_run_folders_saved_before_the_distill_section_existed_still_load(teacher_run, tmp_path):
+    """A saved recipe.yaml lists every section, so defaults in it are not choices; one written before distill:
+    existed lacks that section and must still count as written whole (not refused for its LoRA defaults)."""
+    import yaml
+
+    from finetune.predict import load_run
+
+    old = tmp_path / "old-run"
+    shutil.copytree(teacher_run, old)
+    saved = yaml.safe_load((old / "recipe.yaml").read_text())
+    assert "distill" in saved and saved["policy"]["kind"] == "full" and "lora" in saved["policy"]
+    del saved["distill"]
+    (old / "recipe.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    assert load_run(old).recipe.distill.teacher is None
