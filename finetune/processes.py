@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -23,6 +24,20 @@ T = TypeVar("T")
 log = logging.getLogger("finetune")
 LOG_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
 
+class CurrentStderr(logging.StreamHandler):
+    """A console handler that writes to ``sys.stderr`` as it is when a line is logged, not as it was when the
+    handler was made: a notebook or a test may swap stderr and close the old one, which a plain StreamHandler
+    would keep writing to (a "Logging error" instead of the line)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ sets it; the current stderr is always used
+        pass
+
+
 def setup_logging(accelerator: Accelerator, quiet: bool = False) -> None:
     """Readable INFO lines from the main process; the other processes only warn."""
     progress.hide_library_bars()
@@ -31,7 +46,7 @@ def setup_logging(accelerator: Accelerator, quiet: bool = False) -> None:
         handler.close()
         log.removeHandler(handler)
     log.propagate = False
-    handler = logging.StreamHandler()
+    handler = CurrentStderr()
     handler.setFormatter(LOG_FORMAT)
     handler.setLevel(logging.WARNING if quiet or progress.quiet() else logging.INFO)
     log.addHandler(handler)
@@ -49,7 +64,7 @@ def command_logging(tag: str = "", file: Path | None = None, replace: bool = Tru
     logger.setLevel(logging.INFO)
     logger.propagate = False  # a parent logger would print each line again
     fmt = logging.Formatter(f"%(asctime)s [{tag}] %(message)s", "%H:%M:%S") if tag else LOG_FORMAT
-    console = logging.StreamHandler()
+    console = CurrentStderr()
     console.setLevel(logging.WARNING if progress.quiet() else logging.INFO)
     for handler in (console, *([logging.FileHandler(file)] if file else [])):
         handler.setFormatter(fmt)
