@@ -121,6 +121,15 @@ def ner_dir(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def private_cache(tmp_path_factory):
+    """A $FINETUNE_CACHE of the module's own (taken-apart runs, features, teacher targets): a module that uses
+    it (``pytestmark = pytest.mark.usefixtures("private_cache")``) neither reads nor leaves a shared cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FINETUNE_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 def tiny_recipe(backbone: Path, data_dir: Path, tmp_path: Path, **sections) -> Recipe:
     """A recipe over a tiny backbone; ``sections`` update the defaults section by section."""
     raw = {

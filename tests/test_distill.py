@@ -23,11 +23,7 @@ from finetune.errors import DataError
 NO_ANALYSIS = {"analyze": False}  # the end-of-run analysis is tested elsewhere; these tests train many runs
 
 
-@pytest.fixture(scope="module", autouse=True)
-def private_cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FINETUNE_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield
+pytestmark = pytest.mark.usefixtures("private_cache")  # a $FINETUNE_CACHE of this module's own
 
 
 @pytest.fixture(scope="module")

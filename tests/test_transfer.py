@@ -22,12 +22,7 @@ from finetune.transfer import ENSEMBLE_FILE
 QUERY = "encoder.layer.0.attention.self.query.weight"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def private_cache(tmp_path_factory):
-    """Taken-apart runs go to a cache of this module's own."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FINETUNE_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield
+pytestmark = pytest.mark.usefixtures("private_cache")  # a $FINETUNE_CACHE of this module's own
 
 
 @pytest.fixture(scope="module")
