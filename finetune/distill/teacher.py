@@ -21,7 +21,6 @@ from finetune import runs
 from finetune.config import RecipeError
 from finetune.features import cache_root
 from finetune.progress import bar
-from finetune.tasks import TASKS
 
 log = logging.getLogger("finetune")
 
@@ -37,7 +36,7 @@ class Teacher:
 
     @property
     def kind(self) -> str:
-        return f"ensemble of {len(self.members)}" if len(self.members) > 1 or self.is_ensemble else "run"
+        return f"ensemble of {len(self.members)}" if self.is_ensemble else "run"
 
     @property
     def is_ensemble(self) -> bool:
@@ -136,7 +135,7 @@ def token_targets(teacher: Teacher, tokenised, student_tokenizer, labels: list[s
     Raises:
         RecipeError: an ensemble teacher, or a teacher with another vocabulary.
     """
-    if len(teacher.members) > 1 or teacher.is_ensemble:
+    if teacher.is_ensemble:
         raise RecipeError("distill.teacher: token classification distils from one run, not an ensemble")
     run = teacher.members[0].run
     if run.tokenizer.get_vocab() != student_tokenizer.get_vocab():
@@ -197,7 +196,3 @@ def _unpack(stored: dict[str, torch.Tensor]):
 
 def texts_key(texts: list, pairs: list | None) -> str:
     return _digest([texts, pairs])
-
-
-def uses_tokens(task: str) -> bool:
-    return TASKS[task].words
