@@ -338,8 +338,22 @@ def _run(prog: str, make_parser: Callable[[], argparse.ArgumentParser], argv: li
     of a multi-process launch: the others would repeat it), anything else keeps its traceback."""
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv  # read before parsing, so a usage error under --debug also raises
-    if "--quiet" in argv:  # read by the progress bars and loggers of every part (finetune.progress)
-        os.environ[QUIET] = "1"
+    if "--quiet" not in argv:
+        return _command(prog, make_parser, argv, debug)
+    # read by the progress bars and loggers of every part (finetune.progress) and by worker processes; for this
+    # command only: a notebook or test that calls main(["...", "--quiet"]) is not silenced for what follows
+    before = os.environ.get(QUIET)
+    os.environ[QUIET] = "1"
+    try:
+        return _command(prog, make_parser, argv, debug)
+    finally:
+        if before is None:
+            os.environ.pop(QUIET, None)
+        else:
+            os.environ[QUIET] = before
+
+
+def _command(prog: str, make_parser: Callable[[], argparse.ArgumentParser], argv: list[str], debug: bool) -> int:
     hide_library_bars()  # off a terminal or with --quiet
     hide_unactionable_warnings()  # per command: a caller's catch_warnings may have reset the filters
     try:

@@ -118,6 +118,17 @@ def test_console_reports_bad_input_without_traceback(tmp_path, capsys):
     assert f"{tmp_path} is not a finished run folder" in capsys.readouterr().err
 
 
+def test_quiet_holds_for_its_command_only(tmp_path, capsys, monkeypatch):
+    """--quiet silences the command it is given to, not what a notebook or test runs after it in-process."""
+    monkeypatch.delenv("FINETUNE_QUIET", raising=False)
+    assert main(["predict", "--model", str(tmp_path), "--input", "x.txt", "--quiet"]) == 2
+    assert "is not a finished run folder" in capsys.readouterr().err  # errors still print under --quiet
+    assert "FINETUNE_QUIET" not in os.environ
+    monkeypatch.setenv("FINETUNE_QUIET", "1")  # set by the caller: left as it was
+    main(["predict", "--model", str(tmp_path), "--input", "x.txt", "--quiet"])
+    assert os.environ["FINETUNE_QUIET"] == "1"
+
+
 def test_python_entry_point_recipes_import(tmp_path):
     """`from recipes import sst2_minilm_lora` gives a validated Recipe that accepts attribute edits."""
     from recipes import sst2_minilm_lora
