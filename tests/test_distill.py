@@ -186,10 +186,13 @@ def test_distill_command_builds_a_smaller_student_from_the_teacher(teacher_run, 
     assert config["backbone_config"]["num_hidden_layers"] == 1
     saved = (out / "recipe.yaml").read_text()
     assert f"name: {teacher_run}" in saved and "num_layers: 1" in saved and "tiny_student_L1" in saved
+    assert "keep_head: true" in saved  # the teacher's own head on its own lower layers
     log = (out / "train.log").read_text()
     assert f"distillation: teacher {teacher_run} (run), temperature 2, alpha 0.5; 192 labelled training rows" in log
     # the same student from the pretrained backbone instead of the teacher's layers
     recipe = student_recipe(teacher_run, layers=1, init="pretrained")
+    assert not recipe.backbone.keep_head  # a pretrained backbone has no head of this task to keep
+    assert not student_recipe(teacher_run, layers=1, overrides=["backbone.keep_head=false"]).backbone.keep_head
     assert recipe.backbone.name == json.loads(json.dumps(
         __import__("yaml").safe_load((teacher_run / "recipe.yaml").read_text())))["backbone"]["name"]
 

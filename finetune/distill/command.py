@@ -19,8 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int,
                         help="encoder layers the student keeps (backbone.num_layers; default 3 without --student)")
     parser.add_argument("--init", choices=["teacher", "pretrained"], default="teacher",
-                        help="without --student: start from the teacher's fine-tuned lower layers (an ensemble's "
-                             "best member on validation), or from the teacher's own pretrained backbone")
+                        help="without --student: start from the teacher's fine-tuned lower layers and its head "
+                             "(an ensemble's best member on validation), or from the teacher's own pretrained "
+                             "backbone with a new head")
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in output.dir")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="recipe overrides, e.g. distill.temperature=4 distill.alpha=0.9 train.epochs=2")
@@ -29,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def student_recipe(teacher: str | Path, student: str | None = None, layers: int | None = None,
                    init: str = "teacher", overrides: list[str] | tuple[str, ...] = ()):
     """The student's recipe: ``student`` with the teacher set, or the teacher's own recipe with its encoder cut
-    to ``layers`` (default 3), starting from the teacher's fine-tuned layers or its pretrained backbone.
+    to ``layers`` (default 3), starting from the teacher's fine-tuned layers and head (``backbone.keep_head``;
+    an override may turn it off) or from its pretrained backbone with a new head.
 
     Raises:
         RecipeError: a teacher that is not a finished run or ensemble, or --layers below 1.
@@ -53,6 +55,8 @@ def student_recipe(teacher: str | Path, student: str | None = None, layers: int 
            "backbone": {**{k: v for k, v in raw["backbone"].items() if k not in ("source", "keep_head",
                                                                                  "warm_optimizer")},
                         "name": str(init_run) if init == "teacher" else base_name, "num_layers": kept}}
+    if init == "teacher":  # its own head on its own lower layers starts closer than a new one (benchmarks/lean)
+        raw["backbone"]["keep_head"] = True
     if init == "pretrained" and isinstance(raw["backbone"].get("source"), dict):
         raw["backbone"]["name"] = raw["backbone"]["source"].get("backbone") or base_name
     return Recipe.from_dict(raw, overrides=[*wanted[:1], *overrides])
