@@ -6,7 +6,8 @@
 Every model (a finished run folder) is exported with ``finetune.export.export_run`` to ONNX (float32 and
 onnxruntime dynamic int8) and to PyTorch dynamic int8 (safetensors-int8), then each runtime is measured in
 this one process, one after the other, with the same threads (``--threads``, default every core of this
-process's affinity) for PyTorch and onnxruntime:
+process's affinity) for PyTorch and onnxruntime. An ensemble folder (a teacher) is measured in PyTorch fp32
+only, its members one after another on inputs tokenised once:
 
 - test accuracy on the recipe's test split (SST-2: the 872 GLUE dev sentences), from the runtime's own logits;
 - parameters, and the size of the file a service loads;
@@ -85,13 +86,53 @@ def measure(name: str, forward, encode, texts: list[str], gold: list[str], label
     return result
 
 
+def ensemble_runtime(label: str, folder: Path, args) -> list[dict]:
+    """An ensemble teacher in PyTorch fp32 (ensembles are not exported: their members are): its members' weighted
+    mean probabilities on inputs tokenised once, so the latency is what serving the members one after another costs."""
+    import torch
+
+    from finetune.ensemble import Ensemble
+    from finetune.policies import plain
+
+    ensemble = Ensemble.load(folder)
+    if ensemble.method == "vote":
+        raise SystemExit(f"{folder}: this script measures mean or weighted ensembles, not votes")
+    first = ensemble.members[0].run
+    for member in ensemble.members:
+        if member.run.labels != ensemble.labels or member.run.tokenizer.get_vocab() != first.tokenizer.get_vocab():
+            raise SystemExit(f"{folder}: this script measures ensembles whose members share one tokenizer and label "
+                             f"order ({member.name} does not)")
+    models = [plain(m.run.model)[0].eval() for m in ensemble.members]
+    weights = torch.tensor(ensemble.weights, dtype=torch.float32)
+    labels = ensemble.labels
+    rows = test_rows(ensemble.members[0].path, labels)
+
+    def encode(batch):
+        return first.tokenizer(batch, truncation=True, max_length=first.recipe.data.max_length, padding=True,
+                               return_tensors="pt")
+
+    @torch.inference_mode()
+    def forward(enc):
+        probabilities = torch.stack([model(**enc).logits.float().softmax(-1) for model in models])
+        return torch.einsum("m,mbc->bc", weights, probabilities).numpy()
+
+    measured = measure("pytorch fp32", forward, encode, rows.texts, [labels[g] for g in rows.gold], labels, args)
+    size = sum(f.stat().st_size for m in ensemble.members for f in m.path.glob("*.safetensors"))
+    return [{"model": label, "runtime": "pytorch fp32", "run": str(folder),
+             "parameters": sum(p.numel() for model in models for p in model.parameters()),
+             "size_mb": round(size / 2**20, 1), **measured}]
+
+
 def runtimes_of(label: str, run_dir: Path, args) -> list[dict]:
     import torch
 
+    from finetune.ensemble import is_ensemble
     from finetune.export import export_run, load_exported
     from finetune.policies import plain
     from finetune.predict import load_run
 
+    if is_ensemble(run_dir):
+        return ensemble_runtime(label, run_dir, args)
     run = load_run(run_dir)
     model = plain(run.model)[0].eval()
     params = sum(p.numel() for p in model.parameters())
@@ -193,7 +234,8 @@ def pareto_plot(rows: list[dict], path: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", required=True, metavar="NAME=RUN_DIR",
-                        help="a finished run to measure (repeat; the table keeps this order)")
+                        help="a finished run to measure (repeat; the table keeps this order), or an ensemble "
+                             "folder (measured in PyTorch fp32 only)")
     parser.add_argument("--baseline", help="the NAME speed-ups are relative to (default: the first --model)")
     parser.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "lean")
     parser.add_argument("--exports-dir", type=Path, default=REPO / "sweeps" / "lean" / "exports")

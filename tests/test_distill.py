@@ -176,6 +176,32 @@ def test_ensemble_teacher_averages_its_members(teacher_run, wrong_teacher, senti
     assert result.metrics["distill"]["teacher_kind"] == "ensemble of 2"
 
 
+def test_the_lean_benchmark_measures_an_ensemble_teacher_as_it_predicts(teacher_run, tiny_backbone, sentiment_dir,
+                                                                         tmp_path):
+    """scripts/bench_lean.py's ensemble row: the accuracy of the members' weighted mean, as Ensemble.predict says."""
+    import argparse
+    import sys
+
+    from conftest import REPO
+
+    from finetune.ensemble import Ensemble
+    sys.path.insert(0, str(REPO / "scripts"))
+    import bench_lean
+
+    other = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path / "other", train={"epochs": 3, "seed": 7},
+                        eval=NO_ANALYSIS).run().run_dir
+    ensemble_dir = tmp_path / "ensemble"
+    assert main(["ensemble", "--models", str(teacher_run), str(other), "--combine", "weighted",
+                 "--output", str(ensemble_dir), "--quiet"]) == 0
+    [row] = bench_lean.ensemble_runtime("teacher-ens", ensemble_dir, argparse.Namespace(latency_rows=3, batches=1))
+    ensemble = Ensemble.load(ensemble_dir)
+    rows = bench_lean.test_rows(teacher_run, ensemble.labels)
+    predicted = [p["label"] for p in ensemble.predict(rows.texts)]
+    expected = sum(p == ensemble.labels[g] for p, g in zip(predicted, rows.gold)) / len(rows.gold)
+    assert row["accuracy"] == round(100 * expected, 2) and row["runtime"] == "pytorch fp32"
+    assert row["parameters"] == 2 * sum(p.numel() for p in ensemble.members[0].run.model.parameters())
+
+
 def test_distill_command_builds_a_smaller_student_from_the_teacher(teacher_run, tmp_path, capsys):
     out = tmp_path / "student"
     assert main(["distill", "--teacher", str(teacher_run), "--layers", "1", "train.epochs=2",
