@@ -123,6 +123,16 @@ def ensemble_runtime(label: str, folder: Path, args) -> list[dict]:
              "size_mb": round(size / 2**20, 1), **measured}]
 
 
+def _exported_from(folder: Path, run_dir: Path) -> bool:
+    """``folder`` holds an export of ``run_dir``'s current weights (a retrained run under the same name is not)."""
+    from finetune.export.build import weights_fingerprint
+
+    if not (folder / "export.json").is_file():
+        return False
+    source = json.loads((folder / "export.json").read_text()).get("source", {})
+    return source.get("weights_blake2b") == weights_fingerprint(run_dir)
+
+
 def runtimes_of(label: str, run_dir: Path, args) -> list[dict]:
     import torch
 
@@ -155,7 +165,7 @@ def runtimes_of(label: str, run_dir: Path, args) -> list[dict]:
             extra = {}
         else:
             folder = args.exports_dir / f"{label}-{fmt}{'-int8' if quantize else ''}"
-            if not (folder / "export.json").is_file():
+            if not _exported_from(folder, run_dir):  # none yet, or made from other weights: export again
                 report = export_run(run_dir, folder, format=fmt, quantize=quantize, overwrite=True)
                 print("\n".join(f"  {line}" for line in report.summary), flush=True)
             served = load_exported(folder, threads=args.threads)
