@@ -245,8 +245,8 @@ class Loop:
         log.info("step %d validation: %s", state.global_step, "  ".join(f"{k} {v:.4f}" for k, v in result.items()))
         state.eval_seconds += time.perf_counter() - started
         self.save_checkpoint()
-        if self.on_validation is not None:
-            self.on_validation(record)
+        if self.on_validation is not None:  # a sweep's pruner may compare trials at equal shares of their budgets
+            self.on_validation({**record, "budget_fraction": state.global_step / self.total_steps})
         patience = recipe.train.early_stopping_patience
         return patience is not None and state.evals_without_improvement >= patience
 

@@ -69,7 +69,7 @@ log = logging.getLogger("finetune")
 
 def train_run(recipe: RecipeConfig, resume: bool = False, overwrite: bool | None = None, *,
               on_validation: Callable[[dict], None] | None = None, quiet: bool = False,
-              model: nn.Module | None = None) -> RunResult:
+              model: nn.Module | None = None, test: bool = True) -> RunResult:
     """The lifecycle of one run: build, open the folder, train, restore the best evaluation, test, export,
     keep what ``output.keep`` says. ``finetune.techniques.run_recipe`` adds what the recipe asks for after
     training; pruning's recovery fine-tune calls this directly, on the pruned model.
@@ -78,7 +78,8 @@ def train_run(recipe: RecipeConfig, resume: bool = False, overwrite: bool | None
     ``on_validation(record)`` runs after each validation is checkpointed (a sweep reports to its study
     there and may raise to stop the run); ``quiet`` keeps the console to warnings (train.log gets all).
     ``model``: train this model (its weights restored to the best evaluation in place) instead of building
-    one from the recipe's backbone and head.
+    one from the recipe's backbone and head. ``test=False`` leaves the test split unscored (a sweep scores only
+    the trials it keeps).
 
     Raises:
         RecipeError: invalid data, labels, backbone, policy or run folder (before anything is written).
@@ -90,7 +91,7 @@ def train_run(recipe: RecipeConfig, resume: bool = False, overwrite: bool | None
     if resume and overwrite:
         raise RunFolderError("--resume and --overwrite contradict each other: --resume continues the run in "
                              "output.dir, --overwrite replaces it; pass one of them")
-    run = Run(recipe, on_validation=on_validation, quiet=quiet, model=model)
+    run = Run(recipe, on_validation=on_validation, quiet=quiet, model=model, test=test)
     try:
         with folder_errors(run.run_dir):
             run.open_folder(resume=resume, overwrite=bool(not resume and recipe.output.overwrite
@@ -127,11 +128,11 @@ class Run(Loop):
     """One training run: its parts, its folder, its state."""
 
     def __init__(self, recipe: RecipeConfig, on_validation: Callable[[dict], None] | None = None, quiet: bool = False,
-                 model: nn.Module | None = None):
+                 model: nn.Module | None = None, test: bool = True):
         """``on_validation(record)`` runs after each validation is checkpointed; a sweep uses it to
         report to its study and may raise to stop the run (pruning). ``quiet`` keeps the console
         to warnings and a transient progress bar (train.log still gets everything)."""
-        self.on_validation, self.quiet = on_validation, quiet
+        self.on_validation, self.quiet, self.test = on_validation, quiet, test
         self.started = time.perf_counter()  # setup time (data, model, folder) is reported, see finish()
         # Validate again as a whole: attribute assignment checks one field, not how sections fit together.
         self.recipe = recipe = RecipeConfig.from_dict(recipe.to_dict())
@@ -340,7 +341,7 @@ class Run(Loop):
         final = {"best_step": state.best_step,
                  "validation": {k: v for k, v in best.items() if k not in ("step", "epoch", "train_seconds")}}
         test_started = time.perf_counter()
-        if "test" in self.eval_loaders:
+        if "test" in self.eval_loaders and self.test:
             final["test"] = evaluate(self.model, self.eval_loaders["test"], accelerator, recipe, self.metrics,
                                      self.labels, "testing")
         self._count_real_tokens()

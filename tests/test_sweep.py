@@ -120,6 +120,37 @@ def test_grid_covers_the_product_exactly_once_across_a_resume(tiny_backbone, sen
     assert all(row["state"] == "COMPLETE" for row in result.trials)
     again = recipe.sweep(space, method="grid", dir=str(sweep_dir))  # nothing left: adds nothing
     assert len(again.trials) == 8
+    report = (sweep_dir / "report" / "report.md").read_text()
+    assert "from 8 finished trials only: indicative" in report  # importances from few trials say so
+
+
+def test_only_the_kept_models_are_scored_on_test_and_test_is_no_selection_column(tiny_backbone, sentiment_dir,
+                                                                                  tmp_path):
+    """sweep.test=kept (the default): a trial is scored on test only when keep_top_k keeps its model; the trials
+    table and CSV have no test column; an lr-only space measures no cost (one architecture: latency is noise)."""
+    from finetune.predict import evaluate_run
+
+    recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path, train=FAST)
+    # lr 1e-7 learns nothing: it ranks below the two that learn, in the order the trials run
+    result = recipe.sweep({"train.lr": [1e-2, 1e-7, 3e-3]}, method="grid", dir=str(tmp_path / "kept"), keep_top_k=1)
+    rows = {row["overrides"]: row for row in result.trials}
+    first, useless = rows["train.lr=0.01"], rows["train.lr=1e-07"]
+    assert first["test"] and not useless["test"]  # kept when it finished / never kept
+    best = next(row for row in result.trials if row["number"] == result.best_trial)
+    assert best["test"]["accuracy"] == pytest.approx(evaluate_run(result.best_run_dir, "test")["accuracy"])
+    metrics = json.loads((result.sweep_dir / best["model"] / "metrics.json").read_text())
+    assert metrics["test"] == best["test"]  # written where the model is, and in best/
+    assert json.loads((result.best_run_dir / "metrics.json").read_text())["test"] == best["test"]
+    report = (result.sweep_dir / "report" / "report.md").read_text()
+    table = report[report.index("| trial | state"):].split("\n\n")[0]
+    assert "test" not in table
+    assert "test" not in (result.sweep_dir / "report" / "trials.csv").read_text().splitlines()[0]
+    assert f"| {best['number']} | {best['value']:.4f} | {best['test']['accuracy']:.4f} |" in report  # kept models
+    assert all(row["latency_ms"] is None for row in result.trials)
+    assert "pareto: not drawn" in report
+    everything = recipe.sweep({"train.lr": [1e-2, 1e-7]}, method="grid", dir=str(tmp_path / "all"), keep_top_k=1,
+                              test="all", measure_cost=True)
+    assert all(row["test"] for row in everything.trials) and all(row["latency_ms"] for row in everything.trials)
 
 
 def test_random_bayes_and_gp_honour_n_trials_and_the_seed(tiny_backbone, sentiment_dir, tmp_path):
@@ -184,6 +215,34 @@ def test_pruning_stops_a_bad_trial_early(tiny_backbone, sentiment_dir, tmp_path)
     assert not (result.sweep_dir / "trials" / "0001" / "checkpoints").exists()
     assert (result.sweep_dir / "trials" / "0001" / "MODEL_REMOVED.txt").is_file()  # a pruned trial keeps no model
     assert (result.sweep_dir / "trials" / "0001" / "metrics.jsonl").is_file()
+
+
+def test_the_median_pruner_compares_trials_at_equal_shares_of_their_own_budgets():
+    """Validations are reported at per-mille of each trial's own steps; a trial's best so far meets the median of
+    the finished trials' best values up to the same share, wherever their validations fell."""
+    from finetune.sweep.study import BudgetMedianPruner
+
+    study = optuna.create_study(direction="maximize", pruner=BudgetMedianPruner(n_startup_trials=1))
+    # a finished long schedule: slow start (still warming up at a third of its budget), best at the end
+    study.add_trial(optuna.trial.create_trial(value=0.9, intermediate_values={333: 0.6, 667: 0.8, 1000: 0.9}))
+    short = study.ask()
+    short.report(0.7, 500)  # half its budget: better than the long one was by then (0.6), though below its 0.8
+    assert not short.should_prune()
+    slow = study.ask()
+    slow.report(0.55, 500)
+    assert slow.should_prune()
+    early = study.ask()
+    early.report(0.3, 200)
+    assert not early.should_prune()  # the finished trial had no validation that early: nothing to compare
+
+
+def test_trials_of_different_lengths_report_on_one_budget_scale(tiny_backbone, sentiment_dir, tmp_path):
+    recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path, train=FAST)
+    result = recipe.sweep({"train.epochs": [2, 1]}, method="grid", dir=str(tmp_path / "scale"),
+                          pruner={"kind": "median", "startup_trials": 5})
+    long, short = result.trials
+    assert max(map(int, long["intermediate"])) == max(map(int, short["intermediate"])) == 1000
+    assert len(long["intermediate"]) > len(short["intermediate"])  # validations every 3 steps either way
 
 
 def test_hyperband_pruner_stops_bad_trials(tiny_backbone, sentiment_dir, tmp_path):

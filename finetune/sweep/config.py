@@ -36,6 +36,7 @@ from finetune.schema import error_key, error_problem
 from finetune.sweep.space import ParamSpec, grid_points
 
 Method = Literal["grid", "random", "bayes", "gp"]
+ARCHITECTURE_KEYS = ("backbone.", "head.", "prune.")  # recipe keys that can change what a trial's model computes
 
 
 class Objective(Strict):
@@ -48,6 +49,10 @@ class Objective(Strict):
 class PrunerConfig(Strict):
     kind: Literal["none", "median", "hyperband"] = "none"
     """Stop unpromising trials early, judged at each validation: median rule, or Hyperband (ASHA brackets)."""
+    compare: Literal["budget", "steps"] = "budget"
+    """median: compare trials at the same share of their own training budget (each reports its validations at
+    per-mille of its optimizer steps), or at the same optimizer step. With train.epochs or train.max_steps in the
+    space, equal steps favour short schedules: a 3-epoch trial is still warming up where a 1-epoch one ends."""
     warmup_steps: int = Field(default=0, ge=0)
     """median: never prune a trial before this optimizer step."""
     startup_trials: int = Field(default=2, ge=0)
@@ -87,9 +92,15 @@ class SweepConfig(Strict):
     """Study name (default: the recipe name); workers with the same storage and study share the trials."""
     keep_top_k: int | None = Field(default=3, ge=1)
     """Keep the models of the best k trials (null keeps all); others keep their metrics and logs."""
-    measure_cost: bool = True
+    measure_cost: bool | None = None
     """Measure each completed trial's model: parameters and CPU inference latency (batch 32, LoRA merged),
-    for the report's accuracy-vs-latency and accuracy-vs-size Pareto plot (a few seconds per trial)."""
+    for the report's accuracy-vs-latency and accuracy-vs-size Pareto plot (a few seconds per trial). Default:
+    only when the space changes the model's architecture (a backbone.*, head.* or prune.* key); between
+    models of one architecture, latency differences are timing noise."""
+    test: Literal["kept", "all", "none"] = "kept"
+    """Which trials are scored on the recipe's test split: kept (the models keep_top_k keeps, when they are
+    kept), all (every trial, inside its run), none. Trials are chosen on validation; test is the record of
+    what was kept, and scoring every trial on it invites choosing on test (and costs time)."""
     heartbeat_seconds: float = Field(default=20.0, gt=0)
     """A running trial records a heartbeat this often; one silent for 3 beats is taken as dead and re-run."""
     warm_start: str | None = None
@@ -144,6 +155,14 @@ class SweepConfig(Strict):
             if self.n_trials > size:
                 raise ValueError(f"n_trials={self.n_trials} exceeds the grid's {size} combinations")
         return self
+
+    def measures_cost(self) -> bool:
+        """measure_cost as set, else whether some searched key can change the model's architecture."""
+        if self.measure_cost is not None:
+            return self.measure_cost
+        keys = [k for key, spec in self.parameters.items()
+                for k in ({k for choice in spec.choice for k in choice} if spec.paired else {key})]
+        return any(k.startswith(ARCHITECTURE_KEYS) for k in keys)
 
     def trials_total(self) -> int:
         if self.n_trials is not None:

@@ -27,6 +27,8 @@ from finetune.sweep.trials import (
 )
 
 log = logging.getLogger("finetune.sweep")
+CONTOUR_MIN_TRIALS = 5
+IMPORTANCE_MIN_TRIALS = 10  # fANOVA on fewer finished trials ranks parameters by noise
 COLUMNS = ["number", "slot", "state", "value", "overrides", "best_step", "seconds", "train_seconds",
            "outside_training", "parameters", "nonzero_parameters", "latency_ms", "guided", "ci95", "retry_of", "model", "worker", "rss_mb", "error"]
 
@@ -49,8 +51,8 @@ def trial_rows(study: optuna.Study, metric: str) -> list[dict[str, Any]]:
                "model": attrs.get("model_dir"), "test": attrs.get("test"), "error": attrs.get("error"),
                "worker": attrs.get("worker"), "rss_mb": attrs.get("rss_mb"),
                "intermediate": {str(k): v for k, v in sorted(trial.intermediate_values.items())}}
-        if trial.state == TrialState.PRUNED and trial.intermediate_values:
-            row["pruned_at_step"] = max(trial.intermediate_values)
+        if trial.state == TrialState.PRUNED and trial.intermediate_values:  # older sweeps did not record it
+            row["pruned_at_step"] = attrs.get("pruned_at_step", max(trial.intermediate_values))
         rows.append(row)
     return rows
 
@@ -62,18 +64,20 @@ def write_report(study: optuna.Study, sweep_dir: Path, cfg: SweepConfig, metric:
     rows = trial_rows(study, metric)
     (out / "trials.json").write_text(json.dumps(rows, indent=2, default=str))
     with open(out / "trials.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS + [f"test_{metric}"], extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")  # no test column to choose on
         writer.writeheader()
         for row in rows:
-            writer.writerow({**row, f"test_{metric}": (row["test"] or {}).get(metric)})
+            writer.writerow(row)
     plots = _plots(_own_view(study), out, cfg)
     maximize = study.direction.name == "MAXIMIZE"
     plots["pareto"] = pareto_plot(rows, metric, maximize, out / "pareto.png")
-    table = _markdown_table(rows, metric) + pareto_table(rows, metric, maximize)
+    table = _markdown_table(rows, metric) + pareto_table(rows, metric, maximize) + _test_table(rows, metric,
+                                                                                              sweep_dir, maximize)
     summary = _summary(study, cfg, metric, rows, sweep_dir)
     (out / "report.md").write_text(f"# Sweep {study.study_name}\n\n{summary}\n\n{table}\n\n## Plots\n\n"
                                    + "\n".join((f"- {name}: [{name}.png]({name}.png)" if name == "pareto" else
                                                 f"- {name}: [{name}.png]({name}.png), [{name}.html]({name}.html)")
+                                               + (f" ({why})" if why else "")
                                                if ok else f"- {name}: not drawn ({why})" for name, (ok, why) in plots.items())
                                    + "\n")
     log.info("%s\n%s\nreport: %s", summary, table, out)
@@ -150,16 +154,35 @@ def _time_summary(complete: list[dict]) -> list[str]:
 
 
 def _markdown_table(rows: list[dict], metric: str) -> str:
-    lines = [f"| trial | state | {metric} (validation) | test | settings | best step | seconds | note |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| trial | state | {metric} (validation) | settings | best step | seconds | note |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         value = "" if r["value"] is None else f"{r['value']:.4f}" + (f" ± {r['ci95']:.4f}" if r["ci95"] else "")
-        test = (r["test"] or {}).get(metric)
         note = r["error"] or (f"pruned at step {r['pruned_at_step']}" if r.get("pruned_at_step") is not None else "")
         if r.get("duplicate_of") is not None:
             note = f"same settings as trial {r['duplicate_of']}: its result, nothing trained"
-        lines.append(f"| {r['number']} | {r['state']} | {value} | {'' if test is None else f'{test:.4f}'} | "
-                     f"{r['overrides']} | {r['best_step'] or ''} | {r['seconds'] or ''} | {note.replace('|', '/')[:120]} |")
+        lines.append(f"| {r['number']} | {r['state']} | {value} | {r['overrides']} | {r['best_step'] or ''} | "
+                     f"{r['seconds'] or ''} | {note.replace('|', '/')[:120]} |")
+    return "\n".join(lines)
+
+
+def _test_table(rows: list[dict], metric: str, sweep_dir: Path, maximize: bool) -> str:
+    """The models the sweep kept, on test, in their validation order: a record of what was kept, apart from
+    the trials table, so that nobody picks a trial by its test score (sweep.test says which are scored)."""
+    from finetune import runs
+
+    def kept(row: dict) -> bool:
+        model = sweep_dir / (row.get("model") or "-")
+        return (model / runs.RECIPE).is_file() and not (model / runs.MODEL_REMOVED).exists()
+
+    scored = [r for r in rows if r["state"] == "COMPLETE" and (r["test"] or {}).get(metric) is not None and kept(r)]
+    if not scored:
+        return ""
+    scored.sort(key=lambda r: r["value"], reverse=maximize)
+    lines = ["", "", "The models this sweep kept, on the test split (in validation order; trials are chosen on "
+                     "validation, test only records how the kept ones do):", "",
+             f"| trial | {metric} (validation) | {metric} (test) | settings |", "|---|---|---|---|"]
+    lines += [f"| {r['number']} | {r['value']:.4f} | {r['test'][metric]:.4f} | {r['overrides']} |" for r in scored]
     return "\n".join(lines)
 
 
@@ -182,7 +205,8 @@ def pareto_plot(rows: list[dict], metric: str, maximize: bool, path: Path) -> tu
     """Validation metric against CPU latency and against parameter count; the Pareto front joined."""
     measured = _measured(rows)
     if len(measured) < 2:
-        return False, "needs 2 completed trials with a measured cost (sweep.measure_cost)"
+        return False, ("needs 2 completed trials with a measured cost (sweep.measure_cost; by default measured only "
+                       "when the space changes the architecture)")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -252,6 +276,9 @@ def _plots(study: optuna.Study, out: Path, cfg: SweepConfig) -> dict[str, tuple[
         if name == "contour" and len(pair) < 2:
             done[name] = (False, "needs 2 numeric parameters")
             continue
+        if name == "contour" and complete < CONTOUR_MIN_TRIALS:  # fewer points draw an empty or misleading surface
+            done[name] = (False, f"needs {CONTOUR_MIN_TRIALS} finished trials to draw a surface, has {complete}")
+            continue
         try:
             with _quiet():
                 axes = getattr(static, function)(study, **kwargs)
@@ -262,7 +289,9 @@ def _plots(study: optuna.Study, out: Path, cfg: SweepConfig) -> dict[str, tuple[
                 plt.close(figure)
                 getattr(interactive, function)(study, **kwargs).write_html(out / f"{name}.html",
                                                                            include_plotlyjs="directory")
-            done[name] = (True, "")
+            few = name == "importances" and complete < IMPORTANCE_MIN_TRIALS
+            done[name] = (True, f"from {complete} finished trials only: indicative, not a ranking to trust "
+                                f"(about {IMPORTANCE_MIN_TRIALS} or more are needed)" if few else "")
         except Exception as err:  # noqa: BLE001 - e.g. too few trials for this plot; the table still stands
             plt.close("all")
             done[name] = (False, f"{type(err).__name__}: {err}")

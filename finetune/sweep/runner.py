@@ -162,6 +162,7 @@ class Sweep:
                 ) if self.cfg.warm_start else None
         self.study = studies.open_study(self.cfg, storage, self.study_name, self.direction, fingerprint,
                                         self.sweep_dir, warm_start=warm)
+        self._settle_report_scale()
         sweep_file = {**self.recipe.to_dict(), "sweep": self.cfg.model_dump(mode="json", exclude_defaults=True)}
         (self.sweep_dir / "sweep.yaml").write_text(yaml.safe_dump(sweep_file, sort_keys=False))
         done = len(own_trials(self.study, (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)))
@@ -169,6 +170,23 @@ class Sweep:
                   if self.cfg.method in ("bayes", "gp") else "")
         log.info("sweep %s: %s search, %d trials (%d done), %s %s on validation%s; folder %s", self.study_name,
                  self.cfg.method, self.cfg.trials_total(), done, self.direction, self.metric, guided, self.sweep_dir)
+
+    def _settle_report_scale(self) -> None:
+        """A study keeps one scale for its validations' steps: per-mille of each trial's budget (the median pruner
+        comparing by budget) or optimizer steps. A sweep that reported steps (one started before
+        sweep.pruner.compare existed, or without a median pruner) goes on with steps."""
+        pruner = self.cfg.pruner
+        wanted = "budget" if pruner.kind == "median" and pruner.compare == "budget" else "steps"
+        scale = self.study.user_attrs.get(REPORT_SCALE)
+        if scale is None:
+            scale = "steps" if any(t.intermediate_values for t in own_trials(self.study)) else wanted
+            self.study.set_user_attr(REPORT_SCALE, scale)
+        if pruner.kind == "median" and scale != pruner.compare:
+            log.info("sweep.pruner.compare=%s kept from this study's earlier trials (it reported validations by %s); "
+                     "a new sweep folder starts with the setting asked for", scale,
+                     "optimizer step" if scale == "steps" else "share of each trial's budget")
+            self.cfg.pruner = pruner.model_copy(update={"compare": scale})
+            self.study.pruner = studies.make_pruner(self.cfg)
 
     def _next_trial(self, started: float) -> dict | str | None:
         """The next trial's settings; "wait" while only other workers' trials are left; None when done."""
@@ -219,13 +237,16 @@ class Sweep:
         began = time.monotonic()
         values, results, state, error = [], [], TrialState.COMPLETE, None
         heartbeat = studies.Heartbeat(self.study, trial._trial_id, cfg.heartbeat_seconds) if main else None
+        # sweep.test=kept scores a trial after it ends, on one process: a multi-process launch tests inside the run
+        test_inside = cfg.test == "all" or (cfg.test == "kept" and self.state.num_processes > 1)
         try:
             with heartbeat or contextlib.nullcontext():
                 for repeat in range(cfg.repeats):
                     run_dir = trial_dir if cfg.repeats == 1 else trial_dir / f"seed-{repeat}"
                     recipe = self._trial_recipe(overrides, run_dir, repeat)
                     result = run_recipe(recipe, overwrite=True, quiet=True,  # the sweep prints a line per trial
-                                        on_validation=self._pruning_hook(trial) if repeat == 0 else None)
+                                        on_validation=self._pruning_hook(trial) if repeat == 0 else None,
+                                        test=test_inside)
                     values.append(result.metrics["validation"][self.metric])
                     results.append(result)
         except optuna.TrialPruned:
@@ -256,13 +277,15 @@ class Sweep:
             attrs.update(best_step=results[best].best_step, test=results[best].metrics.get("test"),
                          train_seconds=round(sum(r.metrics["train_seconds"] for r in results), 1),
                          model_dir=str(results[best].run_dir.relative_to(self.sweep_dir)))
-            if cfg.measure_cost:
+            if cfg.test == "kept" and not test_inside and self._would_keep(value):
+                attrs["test"] = self._score_test(results[best].run_dir, number)
+            if cfg.measures_cost():
                 try:
                     attrs.update(model_cost(results[best].run_dir))
                 except Exception as err:  # noqa: BLE001 - the trial's result stands without its cost
                     log.warning("trial %d: could not measure the model's cost: %s: %s", number, type(err).__name__, err)
-                seconds = time.monotonic() - began
-                attrs["seconds"] = round(seconds, 1)
+            seconds = time.monotonic() - began  # scoring on test and measuring cost are part of the trial's time
+            attrs["seconds"] = round(seconds, 1)
             attrs.update(time_split=_time_split(results, seconds))
             if len(values) > 1:
                 attrs.update(values=values, ci95=_ci95(values))
@@ -287,6 +310,32 @@ class Sweep:
         if error:
             log.info("trial %d error: %s", number, error)
 
+    def _would_keep(self, value: float) -> bool:
+        """Whether keep_top_k will keep a trial with this value (before it is recorded: a finished trial's
+        attributes can no longer change)."""
+        if self.folder.top_k is None or math.isnan(value):
+            return self.folder.top_k is None
+        maximize = self.direction == "maximize"
+        better = sum(1 for t in own_trials(self.study, (TrialState.COMPLETE,))
+                     if self.folder.ran_here(t) and (t.value > value if maximize else t.value < value))
+        return better < self.folder.top_k
+
+    def _score_test(self, run_dir: Path, number: int) -> dict[str, float] | None:
+        """sweep.test=kept: the kept trial's model on the recipe's test split, also written to its metrics.json."""
+        from finetune.predict import evaluate_run
+        from finetune.runs import atomic_write_text
+
+        if not self.recipe.data.splits.test:
+            return None
+        try:
+            scores = evaluate_run(run_dir, "test")
+        except Exception as err:  # noqa: BLE001 - the trial's result stands on validation; the log says why
+            log.warning("trial %d: could not score its model on test: %s: %s", number, type(err).__name__, err)
+            return None
+        metrics = json.loads((run_dir / runs.METRICS).read_text())
+        atomic_write_text(run_dir / runs.METRICS, json.dumps({**metrics, "test": scores}, indent=2))
+        return scores
+
     def _trial_recipe(self, overrides: list[str], run_dir: Path, repeat: int) -> RecipeConfig:
         recipe = self.recipe.with_overrides(overrides)  # a bad combination raises here and fails the trial
         extra = [f"output.dir={run_dir}", "output.overwrite=true"]
@@ -300,13 +349,19 @@ class Sweep:
         """Report each validation (the report plots them); prune when the study's pruner says so,
         decided on the main process for all processes."""
 
+        pruner = self.cfg.pruner
+        by_budget = pruner.kind == "median" and pruner.compare == "budget"
+
         def hook(record: dict) -> None:
             decision = [False]
             if trial is not None:
                 value = record.get(self.metric)
                 if value is not None and not math.isnan(value):
-                    trial.report(value, record["step"])
-                    decision[0] = trial.should_prune()
+                    # by budget: at per-mille of the trial's own optimizer steps (see BudgetMedianPruner)
+                    trial.report(value, round(1000 * record["budget_fraction"]) if by_budget else record["step"])
+                    decision[0] = (not by_budget or record["step"] >= pruner.warmup_steps) and trial.should_prune()
+                    if decision[0]:
+                        trial.set_user_attr("pruned_at_step", record["step"])
             if self.state.num_processes > 1:
                 broadcast_object_list(decision)
             if decision[0]:
@@ -344,6 +399,8 @@ class Sweep:
 
 
 # --- helpers --------------------------------------------------------------------------
+
+REPORT_SCALE = "report_scale"  # study attribute: "budget" (per-mille of each trial's steps) or "steps"
 
 
 # what a trial with the same settings as a finished one takes over from it (its model stays where it is)

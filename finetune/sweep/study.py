@@ -26,6 +26,8 @@ import contextlib
 import fcntl
 import json
 import logging
+import math
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -66,8 +68,38 @@ def make_sampler(cfg: SweepConfig, seed: int) -> optuna.samplers.BaseSampler:
                                       group=any(s.when for s in cfg.parameters.values()))
 
 
+class BudgetMedianPruner(optuna.pruners.BasePruner):
+    """The median rule at equal shares of each trial's own budget: a trial reports its validations at per-mille
+    of its optimizer steps, and its best value so far is compared with the median of the finished trials' best
+    values up to the same share (their validations need not fall on the same per-mille). ``warmup_steps`` is
+    applied by the sweep in optimizer steps, before it asks."""
+
+    def __init__(self, n_startup_trials: int):
+        self.n_startup_trials = n_startup_trials
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        at = trial.last_step
+        finished = own_trials(study, (TrialState.COMPLETE,))
+        if at is None or len(finished) < max(self.n_startup_trials, 1):
+            return False
+        best = max if study.direction == optuna.study.StudyDirection.MAXIMIZE else min
+
+        def best_until(values: dict[int, float]) -> float | None:
+            seen = [v for step, v in values.items() if step <= at and not math.isnan(v)]
+            return best(seen) if seen else None
+
+        own = best_until(trial.intermediate_values)
+        theirs = [v for t in finished if (v := best_until(t.intermediate_values)) is not None]
+        if own is None or not theirs:
+            return False
+        median = statistics.median(theirs)
+        return own < median if best is max else own > median
+
+
 def make_pruner(cfg: SweepConfig) -> optuna.pruners.BasePruner:
     p = cfg.pruner
+    if p.kind == "median" and p.compare == "budget":
+        return BudgetMedianPruner(n_startup_trials=p.startup_trials)
     if p.kind == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=p.startup_trials, n_warmup_steps=p.warmup_steps)
     if p.kind == "hyperband":
