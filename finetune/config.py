@@ -199,6 +199,10 @@ class TrainConfig(Strict):
     head_lr: float | None = Field(default=None, gt=0)
     """Peak learning rate of the task head (default: lr). A fresh head on many classes often learns best
     faster than the pretrained backbone, e.g. 10x lr."""
+    layer_lr_decay: float | None = Field(default=None, gt=0, le=1)
+    """Layer-wise learning-rate decay: the head trains at lr (or head_lr), the top encoder layer at lr x d, each
+    layer below at one more factor d, the embeddings at lr x d^(layers + 1) (ELECTRA's convention). Lower layers
+    hold more general features; a smaller step keeps more of them. Default: one lr for the whole backbone."""
     weight_decay: float = Field(default=0.01, ge=0)
     """AdamW weight decay (not applied to biases and norms)."""
     warmup_ratio: float = Field(default=0.0, ge=0, lt=1)

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import pickle
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -65,6 +66,10 @@ class TrainState:
 # --- building blocks ------------------------------------------------------------------
 
 
+LAYER_INDEX = re.compile(r"\.(?:layer|layers|h|block|blocks)\.(\d+)\.")  # encoder.layer.3. (BERT), h.3. (GPT-2)
+EMBEDDINGS = ("embeddings.", "embed_tokens", ".wte.", ".wpe.")
+
+
 def make_optimizer(model, recipe: RecipeConfig) -> torch.optim.Optimizer:
     cfg = recipe.train
     undecayed = policy_of(recipe).no_decay  # e.g. IA3's scales: they start at 1, decay would pull them to 0
@@ -73,16 +78,50 @@ def make_optimizer(model, recipe: RecipeConfig) -> torch.optim.Optimizer:
     if cfg.head_lr is not None:
         settings += [(cfg.head_lr, cfg.weight_decay), (cfg.head_lr, 0.0)]
     groups: list[list[torch.nn.Parameter]] = [[] for _ in settings]
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            no_decay = param.ndim < 2 or any(part in name for part in undecayed)
-            head = cfg.head_lr is not None and "classifier." in name  # our head module (peft's trained copy too)
-            groups[2 * head + no_decay].append(param)
+    if cfg.layer_lr_decay is not None:
+        settings, groups = _groups_by_depth(model, cfg, undecayed)
+    else:
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                no_decay = param.ndim < 2 or any(part in name for part in undecayed)
+                head = cfg.head_lr is not None and "classifier." in name  # our head module (peft's trained copy too)
+                groups[2 * head + no_decay].append(param)
     # The fused kernel does the whole update in one pass (measured ~3.5x faster than the default on CPU);
     # it needs floating-point parameters on CPU or CUDA.
     fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for ps in groups for p in ps)
     return torch.optim.AdamW([{"params": ps, "lr": lr, "weight_decay": wd} for ps, (lr, wd) in zip(groups, settings)],
                              lr=cfg.lr, fused=fused or None)
+
+
+def layer_depths_check(model, recipe: RecipeConfig) -> None:
+    """Raises RecipeError when train.layer_lr_decay cannot tell the backbone's layers apart."""
+    _groups_by_depth(model, recipe.train, ())
+
+
+def _groups_by_depth(model, cfg, undecayed) -> tuple[list[tuple[float, float]], list[list[torch.nn.Parameter]]]:
+    """train.layer_lr_decay: one (lr, weight decay) group per depth. Depth 0 is the embeddings, layer i is i + 1,
+    the head and what sits above the layers (a pooler, a final norm) are layers + 1 and train at the full rate."""
+    named = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+    found = [int(m.group(1)) for name, _ in named if (m := LAYER_INDEX.search(name))]
+    if not found:
+        raise RecipeError("train.layer_lr_decay: no numbered encoder layers (…layer.N. / layers.N. / h.N.) among "
+                          "the trainable parameters' names; this backbone needs one learning rate (drop the key)")
+    top = max(found) + 1  # depth of the highest layer; the head is top + 1
+
+    def depth(name: str) -> int:
+        if "classifier." in name:
+            return top + 1
+        if match := LAYER_INDEX.search(name):
+            return int(match.group(1)) + 1
+        return 0 if any(part in name for part in EMBEDDINGS) else top + 1
+
+    keyed: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+    for name, param in named:
+        no_decay = param.ndim < 2 or any(part in name for part in undecayed)
+        head = "classifier." in name
+        lr = cfg.head_lr if head and cfg.head_lr is not None else cfg.lr * cfg.layer_lr_decay ** (top + 1 - depth(name))
+        keyed.setdefault((lr, 0.0 if no_decay else cfg.weight_decay), []).append(param)
+    return list(keyed), list(keyed.values())
 
 
 # --- evaluation --------------------------------------------------------------------

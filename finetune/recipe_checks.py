@@ -174,6 +174,9 @@ UNUSED: list[Unused] = [
     Unused("output.merge_lora", ("policy.kind",), _merge_idle, flagged=lambda value: value is True),
     *(Unused(f"backbone.{field}", ("backbone.pretrained",), _transfer_idle, flagged=lambda value: value is True)
       for field in ("keep_head", "warm_optimizer")),
+    Unused("train.layer_lr_decay", ("policy.kind",),
+           lambda r: "policy.kind=head_only (only the head trains: there are no layers to give rates)"
+           if r.policy.kind == "head_only" else None),
     Unused("head.hidden_size", ("head.type",),
            lambda r: None if r.head.type == "mlp" else f"head.type={r.head.type} (the width of the MLP head)"),
     *(Unused(key, ("task",), _multi_label_idle)

@@ -36,7 +36,7 @@ from finetune.config import RecipeConfig, RecipeError, run_lineage
 from finetune.distill.student import Distillation
 from finetune.errors import Interrupted, RunFolderError
 from finetune.fingerprint import check_same_data, data_fingerprint
-from finetune.loop import Loop, TrainState, evaluate, make_optimizer
+from finetune.loop import Loop, TrainState, evaluate, layer_depths_check, make_optimizer
 from finetune.metrics import BINARY_ONLY, MetricSuite
 from finetune.policies import apply_policy, count_parameters, policy_of
 from finetune.processes import (
@@ -208,6 +208,8 @@ class Run(Loop):
         self.base_model = copy.deepcopy(model, memo=shared) if keep_base else None
         self.model = apply_policy(model, recipe)
         self.trainable, self.total = count_parameters(self.model)
+        if recipe.train.layer_lr_decay is not None:  # a backbone without numbered layers is refused before the folder
+            layer_depths_check(self.model, recipe)
         self.warm_start = (transfer.warm_start_file(recipe, self.source, self.model)
                            if built and recipe.backbone.warm_optimizer else None)
         self.full_model, self.features = self.model, None  # features: the frozen part's cached outputs per split

@@ -287,3 +287,30 @@ def test_head_lr_gives_the_head_its_own_learning_rate(tiny_backbone, sentiment_d
     assert lrs == {0.7, 70.0}
     plain = make_optimizer(model, tiny_recipe(tiny_backbone, sentiment_dir, tmp_path, train={"lr": 1e-4}))
     assert [g["lr"] for g in plain.param_groups] == [1e-4, 1e-4]  # without it: the two groups of before
+
+
+def test_layer_lr_decay_gives_each_depth_its_own_learning_rate(tiny_backbone, sentiment_dir, tmp_path):
+    """train.layer_lr_decay=0.5 on a 2-layer encoder: head at lr, layer 1 at lr/2, layer 0 at lr/4, embeddings
+    at lr/8; the run trains with it; a model without numbered layers is refused."""
+    from finetune.loop import layer_depths_check, make_optimizer
+    from finetune.run import Run
+
+    recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path, train={"lr": 1e-3, "layer_lr_decay": 0.5,
+                                                                        "max_steps": 4, "eval_every": 4})
+    run = Run(recipe)
+    optimizer = make_optimizer(run.model, recipe)
+    lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    by_name = {name: lr_of[id(p)] for name, p in run.model.named_parameters() if p.requires_grad}
+    assert len(by_name) == sum(len(g["params"]) for g in optimizer.param_groups)  # every trainable parameter, once
+    expected = {"classifier.": 1e-3, ".layer.1.": 5e-4, ".layer.0.": 2.5e-4, "embeddings.": 1.25e-4}
+    for part, lr in expected.items():
+        rates = [rate for name, rate in by_name.items() if part in name]
+        assert rates and rates == pytest.approx([lr] * len(rates)), (part, rates)
+    run.close()
+    assert recipe.run().metrics["optimizer_steps"] == 4
+    with pytest.raises(RecipeError, match="train.layer_lr_decay: no numbered encoder layers"):
+        layer_depths_check(torch.nn.Sequential(torch.nn.Linear(2, 2)), recipe)
+    raw = recipe.to_dict()
+    raw["policy"]["kind"] = "head_only"
+    with pytest.raises(RecipeError, match=r"train\.layer_lr_decay=0\.5 has no effect with policy\.kind=head_only"):
+        type(recipe).from_dict(raw)
