@@ -69,7 +69,7 @@ log = logging.getLogger("finetune")
 
 def train_run(recipe: RecipeConfig, resume: bool = False, overwrite: bool | None = None, *,
               on_validation: Callable[[dict], None] | None = None, quiet: bool = False,
-              model: nn.Module | None = None, test: bool = True) -> RunResult:
+              model: nn.Module | None = None, test: bool | Callable[[dict], bool] = True) -> RunResult:
     """The lifecycle of one run: build, open the folder, train, restore the best evaluation, test, export,
     keep what ``output.keep`` says. ``finetune.techniques.run_recipe`` adds what the recipe asks for after
     training; pruning's recovery fine-tune calls this directly, on the pruned model.
@@ -78,8 +78,8 @@ def train_run(recipe: RecipeConfig, resume: bool = False, overwrite: bool | None
     ``on_validation(record)`` runs after each validation is checkpointed (a sweep reports to its study
     there and may raise to stop the run); ``quiet`` keeps the console to warnings (train.log gets all).
     ``model``: train this model (its weights restored to the best evaluation in place) instead of building
-    one from the recipe's backbone and head. ``test=False`` leaves the test split unscored (a sweep scores only
-    the trials it keeps).
+    one from the recipe's backbone and head. ``test=False`` leaves the test split unscored; a function of the
+    best validation scores decides (a sweep scores only the trials it will keep).
 
     Raises:
         RecipeError: invalid data, labels, backbone, policy or run folder (before anything is written).
@@ -128,7 +128,7 @@ class Run(Loop):
     """One training run: its parts, its folder, its state."""
 
     def __init__(self, recipe: RecipeConfig, on_validation: Callable[[dict], None] | None = None, quiet: bool = False,
-                 model: nn.Module | None = None, test: bool = True):
+                 model: nn.Module | None = None, test: bool | Callable[[dict], bool] = True):
         """``on_validation(record)`` runs after each validation is checkpointed; a sweep uses it to
         report to its study and may raise to stop the run (pruning). ``quiet`` keeps the console
         to warnings and a transient progress bar (train.log still gets everything)."""
@@ -343,7 +343,8 @@ class Run(Loop):
         final = {"best_step": state.best_step,
                  "validation": {k: v for k, v in best.items() if k not in ("step", "epoch", "train_seconds")}}
         test_started = time.perf_counter()
-        if "test" in self.eval_loaders and self.test:
+        wanted = self.test(final["validation"]) if callable(self.test) else self.test
+        if "test" in self.eval_loaders and wanted:
             final["test"] = evaluate(self.model, self.eval_loaders["test"], accelerator, recipe, self.metrics,
                                      self.labels, "testing")
         self._count_real_tokens()

@@ -237,8 +237,10 @@ class Sweep:
         began = time.monotonic()
         values, results, state, error = [], [], TrialState.COMPLETE, None
         heartbeat = studies.Heartbeat(self.study, trial._trial_id, cfg.heartbeat_seconds) if main else None
-        # sweep.test=kept scores a trial after it ends, on one process: a multi-process launch tests inside the run
-        test_inside = cfg.test == "all" or (cfg.test == "kept" and self.state.num_processes > 1)
+        # sweep.test=kept: the run scores test once its validation says keep_top_k will keep it (the study is on
+        # the main process only: a multi-process launch scores every trial)
+        test = (cfg.test == "all" or (cfg.test == "kept" and self.state.num_processes > 1)
+                or (cfg.test == "kept" and (lambda validation: self._would_keep(validation[self.metric]))))
         try:
             with heartbeat or contextlib.nullcontext():
                 for repeat in range(cfg.repeats):
@@ -246,7 +248,7 @@ class Sweep:
                     recipe = self._trial_recipe(overrides, run_dir, repeat)
                     result = run_recipe(recipe, overwrite=True, quiet=True,  # the sweep prints a line per trial
                                         on_validation=self._pruning_hook(trial) if repeat == 0 else None,
-                                        test=test_inside)
+                                        test=test)
                     values.append(result.metrics["validation"][self.metric])
                     results.append(result)
         except optuna.TrialPruned:
@@ -277,14 +279,12 @@ class Sweep:
             attrs.update(best_step=results[best].best_step, test=results[best].metrics.get("test"),
                          train_seconds=round(sum(r.metrics["train_seconds"] for r in results), 1),
                          model_dir=str(results[best].run_dir.relative_to(self.sweep_dir)))
-            if cfg.test == "kept" and not test_inside and self._would_keep(value):
-                attrs["test"] = self._score_test(results[best].run_dir, number)
             if cfg.measures_cost():
                 try:
                     attrs.update(model_cost(results[best].run_dir))
                 except Exception as err:  # noqa: BLE001 - the trial's result stands without its cost
                     log.warning("trial %d: could not measure the model's cost: %s: %s", number, type(err).__name__, err)
-            seconds = time.monotonic() - began  # scoring on test and measuring cost are part of the trial's time
+            seconds = time.monotonic() - began  # measuring cost is part of the trial's time
             attrs["seconds"] = round(seconds, 1)
             attrs.update(time_split=_time_split(results, seconds))
             if len(values) > 1:
@@ -311,30 +311,13 @@ class Sweep:
             log.info("trial %d error: %s", number, error)
 
     def _would_keep(self, value: float) -> bool:
-        """Whether keep_top_k will keep a trial with this value (before it is recorded: a finished trial's
-        attributes can no longer change)."""
+        """Whether keep_top_k will keep a trial with this validation value (asked before the trial is recorded)."""
         if self.folder.top_k is None or math.isnan(value):
             return self.folder.top_k is None
         maximize = self.direction == "maximize"
         better = sum(1 for t in own_trials(self.study, (TrialState.COMPLETE,))
                      if self.folder.ran_here(t) and (t.value > value if maximize else t.value < value))
         return better < self.folder.top_k
-
-    def _score_test(self, run_dir: Path, number: int) -> dict[str, float] | None:
-        """sweep.test=kept: the kept trial's model on the recipe's test split, also written to its metrics.json."""
-        from finetune.predict import evaluate_run
-        from finetune.runs import atomic_write_text
-
-        if not self.recipe.data.splits.test:
-            return None
-        try:
-            scores = evaluate_run(run_dir, "test")
-        except Exception as err:  # noqa: BLE001 - the trial's result stands on validation; the log says why
-            log.warning("trial %d: could not score its model on test: %s: %s", number, type(err).__name__, err)
-            return None
-        metrics = json.loads((run_dir / runs.METRICS).read_text())
-        atomic_write_text(run_dir / runs.METRICS, json.dumps({**metrics, "test": scores}, indent=2))
-        return scores
 
     def _trial_recipe(self, overrides: list[str], run_dir: Path, repeat: int) -> RecipeConfig:
         recipe = self.recipe.with_overrides(overrides)  # a bad combination raises here and fails the trial
