@@ -239,8 +239,10 @@ class Sweep:
         heartbeat = studies.Heartbeat(self.study, trial._trial_id, cfg.heartbeat_seconds) if main else None
         # sweep.test=kept: the run scores test once its validation says keep_top_k will keep it (the study is on
         # the main process only: a multi-process launch scores every trial)
-        test = (cfg.test == "all" or (cfg.test == "kept" and self.state.num_processes > 1)
-                or (cfg.test == "kept" and (lambda validation: self._would_keep(validation[self.metric]))))
+        if cfg.test == "kept" and self.state.num_processes == 1:
+            test = lambda validation: self._would_keep(validation[self.metric])  # noqa: E731
+        else:
+            test = cfg.test != "none"
         try:
             with heartbeat or contextlib.nullcontext():
                 for repeat in range(cfg.repeats):
