@@ -26,7 +26,7 @@ from transformers import AutoConfig, AutoModel
 from transformers.utils import logging as transformers_logging
 
 from finetune.config import BackboneConfig, RecipeConfig, RecipeError
-from finetune.modeling import FinetuneConfig
+from finetune.modeling import FinetuneConfig, encoder_layers
 from finetune.reuse import reuse
 from finetune.tasks import TASKS
 from finetune.transfer import backbone_from_run, is_run_like, load_head, read_source
@@ -190,7 +190,41 @@ def build_model(recipe: RecipeConfig, backbone_path: Path, labels: list[str] | N
         finally:
             transformers_logging.set_verbosity(verbosity)
     model.backbone.to(dtype)
+    if cfg.reinit_layers:
+        reinit_top_layers(model.backbone, recipe)
     if cfg.keep_head:  # the run's trained head replaces the seeded one, once its task and labels are checked
         load_head(model, backbone_path, recipe, labels)
     model.classifier.float()  # the head stays float32 whatever the backbone's dtype
     return model
+
+
+def reinit_top_layers(backbone: torch.nn.Module, recipe: RecipeConfig) -> None:
+    """backbone.reinit_layers=N: the top N encoder layers drawn afresh (seeded by train.seed) as the
+    architecture initialises them: matrices ~ N(0, initializer_range), biases 0, norm scales 1.
+
+    Raises:
+        RecipeError: N is not below the layer count, or the reinitialised layers would be frozen.
+    """
+    count, layers = recipe.backbone.reinit_layers, encoder_layers(backbone)
+    if count >= len(layers):
+        raise RecipeError(f"backbone.reinit_layers={count}: the backbone has {len(layers)} layers; re-initialise fewer "
+                          f"than all of them (at most {len(layers) - 1}), or train from scratch with "
+                          "backbone.pretrained=false")
+    policy = recipe.policy
+    frozen = len(layers) if policy.kind == "head_only" else policy.freeze_layers if policy.kind == "freeze" else 0
+    if frozen > len(layers) - count:
+        raise RecipeError(f"backbone.reinit_layers={count} with policy.kind={policy.kind}"
+                          f"{f' and freeze_layers={frozen}' if policy.kind == 'freeze' else ''}: re-initialised layers "
+                          f"would stay frozen at random weights; freeze at most {len(layers) - count} layers")
+    # set by hand: transformers' own _init_weights skips parameters it marked as loaded
+    std = getattr(backbone.config, "initializer_range", 0.02)
+    set_seed(recipe.train.seed)
+    with torch.no_grad():
+        for name, param in layers[len(layers) - count:].named_parameters():
+            if param.ndim >= 2:
+                param.normal_(0.0, std)
+            elif name.endswith("bias"):
+                param.zero_()
+            else:  # LayerNorm / RMSNorm scales
+                param.fill_(1.0)
+    log.info("backbone.reinit_layers: the top %d of %d encoder layers start from random weights", count, len(layers))

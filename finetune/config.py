@@ -98,6 +98,9 @@ class BackboneConfig(Strict):
     """Allow model code shipped with the checkpoint to run. Off unless you trust its source."""
     num_layers: int | None = Field(default=None, gt=0)
     """Keep only the first N encoder layers (a truncated, cheaper backbone; default: all)."""
+    reinit_layers: int = Field(default=0, ge=0)
+    """Re-initialise the top N encoder layers (and a pooler) before fine-tuning, as in Zhang et al. 2021,
+    "Revisiting Few-sample BERT Fine-tuning": the top layers are the most specific to the pre-training task."""
     keep_head: bool = False
     """With backbone.name a run folder: continue with that run's trained head (same task, head type and size,
     and the same labels in the same order); false: a new head seeded by train.seed."""
@@ -211,6 +214,13 @@ class TrainConfig(Strict):
     """Learning-rate schedule after warm-up."""
     max_grad_norm: float | None = Field(default=1.0, gt=0)
     """Gradient clipping norm (null disables)."""
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Training targets mix this share of a uniform distribution into the gold label (classification, token
+    classification; per label toward 0.5 for multi-label). Validation and test losses stay unsmoothed."""
+    class_weights: Literal["none", "balanced"] = "none"
+    """balanced: each class's training loss is weighted by rows / (classes x its rows), so rare classes count as
+    much as common ones (multi-label: each label's positives by its negatives / positives). For imbalanced
+    tasks; validation and test losses stay unweighted."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """Autocast precision, passed to Accelerate."""
     seed: int = 42
@@ -224,6 +234,12 @@ class TrainConfig(Strict):
     encoders) the hidden states after layer N."""
     group_by_length: bool = True
     """Batch examples of similar length (shuffled buckets) so less compute is spent on padding."""
+    soup: Literal["none", "uniform", "greedy"] = "none"
+    """Average the weights of the run's best soup_size evaluations ("model soups", see finetune.soup): uniform
+    takes them all, greedy adds them best first while validation does not drop. The soup replaces the best
+    evaluation only if it scores at least as well on validation. Needs several evaluations (train.eval_every)."""
+    soup_size: int = Field(default=4, ge=2)
+    """How many of the best evaluations train.soup keeps as candidates."""
     eval_every: Literal["epoch"] | int = "epoch"
     """Evaluate every N optimizer steps, or at the end of each epoch."""
     early_stopping_patience: int | None = Field(default=None, gt=0)
@@ -377,6 +393,10 @@ class RecipeConfig(Strict):
                 raise ValueError(f"eval.metrics: {name!r} cannot score task={self.task}; use one of {suited}")
         if self.task == "regression" and self.data.labels is not None:
             raise ValueError("data.labels does not apply to task=regression")
+        if self.train.soup != "none" and self.policy.kind in ("lora", "dora"):
+            raise ValueError(f"train.soup={self.train.soup} with policy.kind={self.policy.kind}: averaging LoRA's A and "
+                             "B factors does not average the updates B·A; soups need kind=full, freeze, bitfit, "
+                             "head_only or ia3")
         if self.backbone.dtype == "float16" and self.train.mixed_precision == "fp16":
             raise ValueError("backbone.dtype=float16 with train.mixed_precision=fp16 cannot train (fp16 gradients "
                              "cannot be unscaled); keep float32 weights with fp16 autocast, or use bfloat16")

@@ -159,6 +159,10 @@ class Loop:
 
     distillation = None
     """``finetune.distill.student.Distillation`` when the recipe has a teacher: the loss mixes its targets in."""
+    soup_pool = None
+    """``finetune.soup.SoupPool`` with train.soup: the weights of the best evaluations so far."""
+    objective = None
+    """``finetune.objective.Objective`` when the recipe smooths labels or weighs classes."""
 
     def _restore(self) -> None:
         try:
@@ -177,6 +181,8 @@ class Loop:
         self.history = [r for r in map(json.loads, filter(None, lines)) if r["step"] <= self.state.global_step]
         if self.accelerator.is_main_process:
             atomic_write_text(records, "".join(json.dumps(r) + "\n" for r in self.history))
+        if self.soup_pool is not None:
+            self.soup_pool.restore(self.history, self.recipe.eval.primary, self.accelerator.is_main_process)
         log.info("resumed at step %d (epoch %d)", self.state.global_step, self.state.epoch)
 
     # --- the loop -------------------------------------------------------------------------
@@ -197,7 +203,7 @@ class Loop:
             self.sampler.set_epoch(state.epoch)  # ... which a skipping DDP loader doesn't pass on to our sampler
             for batch in loader:
                 with accelerator.accumulate(model):
-                    loss = model(**batch).loss if self.distillation is None else self.distillation.loss(model, batch)
+                    loss = self.training_loss(model, batch)
                     self._stop_if_diverged(loss)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.max_grad_norm:
@@ -239,6 +245,11 @@ class Loop:
         if evaluated_at != state.global_step:  # the final weights always get a say in model selection
             self.validate()
 
+    def training_loss(self, model, batch: dict) -> torch.Tensor:
+        if self.distillation is not None:
+            return self.distillation.loss(model, batch)
+        return model(**batch).loss if self.objective is None else self.objective.loss(model, batch)
+
     def _seconds_not_training(self) -> float:
         return self.state.eval_seconds + self.state.checkpoint_seconds
 
@@ -277,6 +288,9 @@ class Loop:
             self.best_changed = True
         else:
             state.evals_without_improvement += 1
+        if self.soup_pool is not None:  # before the checkpoint that records this evaluation
+            self.soup_pool.offer(state.global_step, value, accelerator.unwrap_model(self.model),
+                                 accelerator.is_main_process)
         if accelerator.is_main_process:
             with open(self.run_dir / runs.HISTORY, "a") as f:
                 f.write(json.dumps(record) + "\n")

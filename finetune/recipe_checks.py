@@ -160,6 +160,14 @@ def _transfer_idle(r) -> str | None:
         "backbone.pretrained=false (a random backbone continues no run's head or optimizer state)"
 
 
+def _objective_idle(r) -> str | None:
+    # mirrors finetune.objective.SMOOTHED_TASKS (which this layer must not import)
+    if r.task == "regression":
+        return "task=regression (label smoothing and class weights apply to class targets)"
+    return "distill.teacher is set (the student's loss mixes in its teacher's soft targets)" \
+        if r.distill.teacher is not None else None
+
+
 PRUNED = ("magnitude", "heads", "layers")
 SWITCH_CACHE = ("policy.kind", "policy.freeze_embeddings", "policy.freeze_layers", "backbone.pretrained", "task",
                 "distill.teacher")
@@ -177,6 +185,8 @@ UNUSED: list[Unused] = [
     Unused("train.layer_lr_decay", ("policy.kind",),
            lambda r: "policy.kind=head_only (only the head trains: there are no layers to give rates)"
            if r.policy.kind == "head_only" else None),
+    Unused("train.soup_size", ("train.soup",),
+           lambda r: "train.soup=none (no soup is made)" if r.train.soup == "none" else None),
     Unused("head.hidden_size", ("head.type",),
            lambda r: None if r.head.type == "mlp" else f"head.type={r.head.type} (the width of the MLP head)"),
     *(Unused(key, ("task",), _multi_label_idle)
@@ -190,6 +200,11 @@ UNUSED: list[Unused] = [
     Unused("prune.importance_samples", ("prune.method",), _prune_idle("heads", "layers")),
     Unused("prune.finetune_epochs", ("prune.method",), _prune_idle(*PRUNED)),
     Unused("prune.finetune_lr", ("prune.method", "prune.finetune_epochs"), _recovery_lr_idle),
+    *(Unused(f"train.{field}", ("task", "distill.teacher"), _objective_idle, flagged=flagged)
+      for field, flagged in (("label_smoothing", lambda value: value > 0),
+                             ("class_weights", lambda value: value != "none"))),
+    Unused("backbone.reinit_layers", ("backbone.pretrained",), flagged=lambda value: value > 0,
+           idle=lambda r: None if r.backbone.pretrained else "backbone.pretrained=false (every layer starts random)"),
     *(Unused(f"distill.{field}", ("distill.teacher",), _distill_idle)
       for field in ("temperature", "alpha", "unlabeled", "max_unlabeled")),
 ]

@@ -30,14 +30,16 @@ from transformers import AutoTokenizer, get_scheduler
 from finetune import data as data_lib
 from finetune import data_report as data_report_lib
 from finetune import features as features_lib
+from finetune import objective as objective_lib
 from finetune import runs, transfer
+from finetune import soup as soup_lib
 from finetune.backbones import build_model, default_pooling, resolve_backbone
 from finetune.config import RecipeConfig, RecipeError, run_lineage
 from finetune.distill.student import Distillation
 from finetune.errors import Interrupted, RunFolderError
 from finetune.fingerprint import check_same_data, data_fingerprint
 from finetune.loop import Loop, TrainState, evaluate, layer_depths_check, make_optimizer
-from finetune.metrics import BINARY_ONLY, MetricSuite
+from finetune.metrics import BINARY_ONLY, MetricSuite, greater_is_better
 from finetune.policies import apply_policy, count_parameters, policy_of
 from finetune.processes import (
     default_run_dir,
@@ -194,6 +196,8 @@ class Run(Loop):
             with accelerator.main_process_first():  # the main process runs the teacher, the others read its cache
                 self.distillation = Distillation(recipe, raw["train"], self.tokenised["train"], self.tokenizer,
                                                  self.labels)
+        if objective_lib.wanted(recipe):
+            self.objective = objective_lib.Objective(recipe, self.tokenised["train"]["labels"], len(self.labels or []))
         binary = sorted(BINARY_ONLY & set(recipe.eval.metrics))
         if binary and len(self.labels or []) != 2:
             raise RecipeError(f"eval.metrics: {binary} score the positive class of a binary task, but there are "
@@ -226,6 +230,9 @@ class Run(Loop):
         self.last_dir = self.run_dir / runs.CHECKPOINT
         self.best_path = self.last_dir / runs.BEST_WEIGHTS  # committed together with the state it belongs to
         self.best_changed = False
+        if recipe.train.soup != "none":
+            self.soup_pool = soup_lib.SoupPool(self.run_dir, recipe.train.soup_size,
+                                               greater_is_better(recipe.eval.primary))
         self.lock, self.finished = None, False  # the run folder's lock (main process), held from open_folder to close
         set_trackers(accelerator, recipe, self.run_dir)
         self.state, self.history = TrainState(num_processes=accelerator.num_processes), []
@@ -278,6 +285,8 @@ class Run(Loop):
                  f"{self.total:,}", 100 * self.trainable / self.total)
         if self.distillation is not None:
             log.info(self.distillation.describe())
+        if self.objective is not None:
+            log.info(self.objective.describe())
 
         splits = [split for split in ("validation", "test") if split in self.tokenised]
         if self.features is None:
@@ -342,6 +351,13 @@ class Run(Loop):
         best = next(r for r in self.history if r["step"] == state.best_step)
         final = {"best_step": state.best_step,
                  "validation": {k: v for k, v in best.items() if k not in ("step", "epoch", "train_seconds")}}
+        if self.soup_pool is not None:
+            validation = self.eval_loaders["validation"]
+            final["soup"] = soup_lib.cook(self.soup_pool, recipe.train.soup, accelerator.unwrap_model(self.model),
+                                          final["validation"], recipe.eval.primary,
+                                          lambda: evaluate(self.model, validation, accelerator, recipe, self.metrics,
+                                                           self.labels, "soup"))
+            final["validation"] = final["soup"].pop("metrics")
         test_started = time.perf_counter()
         wanted = self.test(final["validation"]) if callable(self.test) else self.test
         if "test" in self.eval_loaders and wanted:
