@@ -36,6 +36,13 @@ class SplitsConfig(Strict):
     number of rows (500), chosen by data.subsample_seed from each row's content, so the hub and a local
     copy of the same rows give the same split (e.g. SST-2, whose hub test split is unlabeled)."""
 
+    validation_by: Literal["row", "whole_text"] = "row"
+    """How validation_from_train draws: ``row``, any rows; ``whole_text``, texts that no other training row
+    contains (word for word), with every row inside a drawn text leaving training too. For data sets of
+    phrases cut from sentences (SST-2's training split holds every phrase of its sentences, the test split
+    full sentences): validation then looks like the test set, and no part of it was trained on. The share
+    or number counts whole texts."""
+
     @field_validator("validation_from_train", mode="before")
     @classmethod
     def _carve_not_bool(cls, value):
@@ -62,6 +69,9 @@ class SplitsConfig(Strict):
                                  "validation split; set validation: null to carve it from train, or drop validation_from_train")
         elif self.validation is None:
             raise ValueError("validation is null: name the validation split, or carve one with validation_from_train")
+        elif self.validation_by != "row":
+            raise ValueError(f"validation_by={self.validation_by} chooses how validation_from_train draws; it needs "
+                             "validation_from_train (e.g. 0.1)")
         return self
 
     def named(self) -> dict[str, str]:

@@ -148,9 +148,12 @@ def _split_name(recipe: RecipeConfig, split: str) -> str:
     """Where a role's rows come from, e.g. "test (`test`)"."""
     splits = recipe.data.splits
     if split == "validation" and splits.validation_from_train is not None:
-        return f"validation (carved from `{splits.train}`, data.splits.validation_from_train={splits.validation_from_train})"
+        by = ", whole texts" if splits.validation_by == "whole_text" else ""
+        return (f"validation (carved from `{splits.train}`, data.splits.validation_from_train="
+                f"{splits.validation_from_train}{by})")
     if split == "train" and splits.validation_from_train is not None:
-        return f"train (`{splits.train}` less the validation carve-out)"
+        inside = " and the rows inside its texts" if splits.validation_by == "whole_text" else ""
+        return f"train (`{splits.train}` less the validation carve-out{inside})"
     return f"{split} (`{getattr(splits, split)}`)"
 
 

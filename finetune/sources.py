@@ -370,26 +370,75 @@ def carve_validation(train: datasets.Dataset, carve: int | float, seed: int,
     Raises:
         DataError: the carve-out would leave no validation or no training row.
     """
+    if cfg.splits.validation_by == "whole_text":
+        return carve_whole_texts(train, carve, seed, cfg)
     size = carve if isinstance(carve, int) else round(len(train) * carve)
     if not 1 <= size < len(train):
         raise DataError(f"data.splits.validation_from_train={carve}: the training split '{cfg.splits.train}' has "
                         f"{len(train)} rows, which leaves {'no validation' if size < 1 else 'no training'} rows")
     columns = _row_columns(train, cfg)
+    order = _seeded_order(train, columns, seed)
+    held = np.sort(order[:size]).tolist()
+    kept = np.sort(order[size:]).tolist()
+    stamp = f"{train._fingerprint}|{carve}|{seed}|{columns}"
+    return _part(train, kept, stamp, "train"), _part(train, held, stamp, "validation")
+
+
+def _seeded_order(train: datasets.Dataset, columns: list[str], seed: int) -> np.ndarray:
+    """Row indices in an order set by the seed and each row's content (a keyed hash), not its position."""
     key = str(seed).encode()
     values = zip(*(_column(train, col) for col in columns))
     ranks = np.fromiter((int.from_bytes(hashlib.blake2b(repr(row).encode(), digest_size=8, key=key).digest())
                          for row in values), dtype=np.uint64, count=len(train))
-    order = np.argsort(ranks, kind="stable")  # equal rows (same hash) keep their order
-    held = np.sort(order[:size]).tolist()
-    kept = np.sort(order[size:]).tolist()
+    return np.argsort(ranks, kind="stable")  # equal rows (same hash) keep their order
+
+
+def _part(train: datasets.Dataset, rows: list[int], stamp: str, side: str) -> datasets.Dataset:
     # a fingerprint from the inputs: datasets would otherwise hash the index lists (a second on SST-2)
-    stamp = f"{train._fingerprint}|{carve}|{seed}|{columns}"
+    fingerprint = hashlib.blake2b(f"{stamp}|{side}".encode(), digest_size=8).hexdigest()
+    return _same_rows(train.select(rows, new_fingerprint=fingerprint), train, rows)
 
-    def part(rows: list[int], side: str) -> datasets.Dataset:
-        fingerprint = hashlib.blake2b(f"{stamp}|{side}".encode(), digest_size=8).hexdigest()
-        return _same_rows(train.select(rows, new_fingerprint=fingerprint), train, rows)
 
-    return part(kept, "train"), part(held, "validation")
+def carve_whole_texts(train: datasets.Dataset, carve: int | float, seed: int,
+                      cfg: DataConfig) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """``validation_by=whole_text``: validation is ``carve`` (or that share) of the whole texts, the texts no
+    other row contains as a run of its words; every row whose text lies inside a drawn one leaves training.
+
+    Raises:
+        DataError: a text pair or word-list task, or the carve-out would leave no validation or no training row.
+    """
+    if cfg.columns.text_pair is not None or cfg.columns.text not in train.column_names:
+        raise DataError("data.splits.validation_by=whole_text reads one text column (data.columns.text); this "
+                        "recipe reads text pairs or word lists: use validation_by=row")
+    words = [" ".join(str(text).split()).split(" ") for text in _column(train, cfg.columns.text)]
+    # Longest first: a text is whole unless a longer whole text contains it (containment is transitive,
+    # so only the runs of whole texts need keeping: a few million for SST-2's ~9,000 sentences)
+    inside: set[int] = set()
+    whole: list[int] = []
+    for i in sorted(range(len(words)), key=lambda i: -len(words[i])):
+        if hash(" ".join(words[i])) not in inside:
+            whole.append(i)
+            inside.update(_runs(words[i]))
+    size = carve if isinstance(carve, int) else round(len(whole) * carve)
+    if not 1 <= size < len(whole):
+        raise DataError(f"data.splits.validation_from_train={carve} with validation_by=whole_text: the training "
+                        f"split '{cfg.splits.train}' has {len(whole)} whole texts, which leaves "
+                        f"{'no validation' if size < 1 else 'no training'} texts")
+    whole_rows = train.select(sorted(whole))
+    chosen = np.asarray(sorted(whole))[_seeded_order(whole_rows, _row_columns(train, cfg), seed)[:size]]
+    held_runs = set().union(*(_runs(words[i]) for i in chosen.tolist()))
+    held = np.sort(chosen).tolist()
+    taken = set(held)
+    kept = [i for i in range(len(words)) if i not in taken and hash(" ".join(words[i])) not in held_runs]
+    log.info("data: whole-text validation: %d of %d whole texts; %d rows inside them leave training with them",
+             size, len(whole), len(words) - len(kept) - size)
+    stamp = f"{train._fingerprint}|{carve}|{seed}|whole_text|{cfg.columns.text}"
+    return _part(train, kept, stamp, "train"), _part(train, held, stamp, "validation")
+
+
+def _runs(words: list[str]) -> set[int]:
+    """Hashes of every run of consecutive words (the text itself included)."""
+    return {hash(" ".join(words[a:b])) for a in range(len(words)) for b in range(a + 1, len(words) + 1)}
 
 
 def _same_rows(new: datasets.Dataset, old: datasets.Dataset, kept: list[int] | None = None) -> datasets.Dataset:

@@ -175,6 +175,45 @@ def test_carve_out_is_seeded_and_independent_of_row_order():
     assert set(list(first["text"])) != set(list(other["text"]))
 
 
+def _phrases() -> datasets.Dataset:
+    """Sentences with their phrases, as SST-2's training split holds them (and a repeated sentence)."""
+    sentences = [f"the {adj} film was {adv} {verdict} ." for adj in ("long", "short", "odd", "new", "old")
+                 for adv, verdict in (("very", "good"), ("not", "bad"))]
+    texts = []
+    for sentence in sentences:
+        words = sentence.split()
+        texts += [sentence, " ".join(words[1:3]), " ".join(words[3:6]), " ".join(words[:2])]
+    texts.append(sentences[0])
+    return datasets.Dataset.from_dict({"text": texts, "label": [str(len(t) % 2) for t in texts]})
+
+
+def test_whole_text_carve_out_holds_out_sentences_and_every_phrase_inside_them():
+    rows = _phrases()
+    cfg = DataConfig(path="x", splits={"validation_from_train": 0.3, "validation_by": "whole_text"})
+    train, validation = sources.carve_validation(rows, 0.3, 0, cfg)
+    held = list(validation["text"])
+    assert len(held) == 3 and all(t.startswith("the ") and t.endswith(" .") for t in held)  # 30 % of 10 sentences
+    for text in train["text"]:  # no training row is (a part of) a held-out sentence ...
+        assert not any(f" {text} " in f" {sentence} " for sentence in held), text
+    # ... and every other row trains: the rows gone are the held sentences' own phrases and repeats
+    gone = [t for t in rows["text"] if t not in set(train["text"])]
+    assert all(any(f" {t} " in f" {sentence} " for sentence in held) for t in gone)
+    expected = [t for t in rows["text"] if not any(f" {t} " in f" {sentence} " for sentence in held)]
+    assert list(train["text"]) == expected and len(expected) == 15  # phrases shared with other sentences go too
+    _, again = sources.carve_validation(rows.shuffle(seed=3), 0.3, 0, cfg)
+    assert sorted(held) == sorted(again["text"])  # seeded by content, not position
+    _, other = sources.carve_validation(rows, 0.3, 1, cfg)
+    assert set(other["text"]) != set(held)
+    pairs = DataConfig(path="x", columns={"text": "text", "text_pair": "other"},
+                       splits={"validation_from_train": 0.3, "validation_by": "whole_text"})
+    with pytest.raises(DataError, match="validation_by=whole_text reads one text column"):
+        sources.carve_validation(rows, 0.3, 0, pairs)
+    with pytest.raises(DataError, match="has 10 whole texts, which leaves no training texts"):
+        sources.carve_validation(rows, 10, 0, cfg)
+    with pytest.raises(ValueError, match="validation_by=whole_text chooses how validation_from_train draws"):
+        DataConfig(path="x", splits={"validation_by": "whole_text"})
+
+
 def test_carve_out_from_a_local_folder_leaves_the_test_file_alone(sentiment_dir, tmp_path):
     """A local folder with validation_from_train: validation.tsv is not read, test.tsv is read as is."""
     folder = tmp_path / "two-files"
