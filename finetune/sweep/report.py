@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 
 from finetune.config import RecipeError
 from finetune.sweep.config import SweepConfig, parse_sweep
+from finetune.sweep.space import choice_label
 from finetune.sweep.trials import (
     WARM_START,
     WIDENINGS,
@@ -280,6 +281,12 @@ def _plots(study: optuna.Study, out: Path, cfg: SweepConfig) -> dict[str, tuple[
             done[name] = (False, f"needs {CONTOUR_MIN_TRIALS} finished trials to draw a surface, has {complete}")
             continue
         try:
+            if name == "slice":  # our own: optuna's squeezes every parameter into one row of unreadable ticks
+                _slice_figure(study, cfg, out / "slice.png")
+                with _quiet():
+                    interactive.plot_slice(study).write_html(out / "slice.html", include_plotlyjs="directory")
+                done[name] = (True, "")
+                continue
             with _quiet():
                 axes = getattr(static, function)(study, **kwargs)
                 figure = (axes.flat[0] if hasattr(axes, "flat") else axes).get_figure()
@@ -296,6 +303,48 @@ def _plots(study: optuna.Study, out: Path, cfg: SweepConfig) -> dict[str, tuple[
             plt.close("all")
             done[name] = (False, f"{type(err).__name__}: {err}")
     return done
+
+
+def _slice_figure(study: optuna.Study, cfg: SweepConfig, path: Path) -> None:
+    """Objective value against each searched parameter, one panel each (up to 3 a row), coloured by trial:
+    log axes for log-scale ranges, choices as wrapped, slanted category labels."""
+    import textwrap
+
+    import matplotlib.pyplot as plt
+
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    names = list(cfg.parameters)
+    columns = min(3, len(names))
+    rows = -(-len(names) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.6 * rows), squeeze=False, sharey=True)
+    for ax in axes.flat[len(names):]:
+        ax.set_visible(False)
+    numbers = [t.number for t in trials]
+    for ax, name in zip(axes.flat, names):
+        spec = cfg.parameters[name]
+        points = [(t.params[name], t.value, t.number) for t in trials if name in t.params]
+        numeric = spec.choice is None and points
+        if numeric:
+            x = [p[0] for p in points]
+            if spec.loguniform is not None or spec.log:
+                ax.set_xscale("log")
+        else:  # a choice: one position per value, in the order the space lists them
+            labels = [str(choice_label(c)) for c in (spec.choice or [])]  # as the trials store them
+            position = {label: i for i, label in enumerate(labels)}
+            x = [position.get(str(p[0]), len(labels)) for p in points]
+            ax.set_xticks(range(len(labels)), [textwrap.fill(label, 22) for label in labels], rotation=25,
+                          ha="right", fontsize=8)
+            ax.set_xlim(-0.5, len(labels) - 0.5)
+        scatter = ax.scatter(x, [p[1] for p in points], c=[p[2] for p in points], cmap="Blues", edgecolors="grey",
+                             vmin=min(numbers, default=0), vmax=max(numbers, default=1))
+        ax.set_xlabel(textwrap.fill(name, 30), fontsize=9)
+        ax.grid(alpha=0.3)
+    for row in axes:
+        row[0].set_ylabel(f"{cfg.objective.metric or 'objective'} (validation)")
+    figure.colorbar(scatter, ax=axes.ravel().tolist(), label="trial", shrink=0.8)
+    figure.suptitle(f"Each finished trial's value against each parameter ({len(trials)} trials)")
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(figure)
 
 
 @contextlib.contextmanager

@@ -62,7 +62,7 @@ class ParamSpec(Strict):
 
 
 
-def _choice_label(value: Any) -> Any:
+def choice_label(value: Any) -> Any:
     """Optuna stores str/int/float/bool/None choices; a paired choice is stored as its overrides."""
     if isinstance(value, dict):
         return PAIR_SEPARATOR.join(format_override(k, v) for k, v in value.items())
@@ -74,14 +74,14 @@ def _choice_label(value: Any) -> Any:
 def _active(spec: ParamSpec, chosen: dict[str, Any]) -> bool:
     for key, wanted in (spec.when or {}).items():
         options = wanted if isinstance(wanted, list) else [wanted]
-        if key not in chosen or chosen[key] not in [_choice_label(o) for o in options]:
+        if key not in chosen or chosen[key] not in [choice_label(o) for o in options]:
             return False
     return True
 
 
 def distribution(spec: ParamSpec) -> optuna.distributions.BaseDistribution:
     if spec.kind == "choice":
-        return optuna.distributions.CategoricalDistribution([_choice_label(v) for v in spec.choice])
+        return optuna.distributions.CategoricalDistribution([choice_label(v) for v in spec.choice])
     if spec.kind == "int":
         return optuna.distributions.IntDistribution(*spec.int, log=spec.log, step=int(spec.step or 1))
     if spec.kind == "loguniform":
@@ -128,7 +128,7 @@ def grid_point(partial: dict[str, Any], space: dict[str, ParamSpec], recipe: Loo
             point[key] = partial[key]
             continue
         found, value = recipe(key)
-        label = _choice_label(value) if found and spec.kind == "choice" else value
+        label = choice_label(value) if found and spec.kind == "choice" else value
         inside, stored = contained(spec, label) if found and not spec.paired else (False, None)
         point[key] = stored if inside else _grid_values(key, spec)[0]
     return point
@@ -139,7 +139,7 @@ def _grid_values(key: str, spec: ParamSpec) -> list[Any]:
         lo, hi = spec.int
         return list(range(lo, hi + 1, int(spec.step or 1)))
     if spec.kind == "choice":
-        return [_choice_label(v) for v in spec.choice]
+        return [choice_label(v) for v in spec.choice]
     raise ValueError(f"{key}: a {spec.kind} range has no grid")
 
 
@@ -182,7 +182,7 @@ def recipe_values(tree: dict[str, Any] | None) -> Lookup:
 
 def describe(spec: ParamSpec) -> str:
     if spec.kind == "choice":
-        return f"choice {[_choice_label(v) for v in spec.choice]}"
+        return f"choice {[choice_label(v) for v in spec.choice]}"
     return f"{spec.kind} {list(getattr(spec, spec.kind))}" + (f" step {spec.step:g}" if spec.step else "")
 
 
@@ -230,12 +230,12 @@ def express(settings: dict[str, Any], space: dict[str, ParamSpec], ran_on: Looku
         if not partial and not _active(spec, params):
             continue
         if spec.paired:
-            label = next((_choice_label(c) for c in spec.choice
+            label = next((choice_label(c) for c in spec.choice
                           if all(value_of(k) == (True, v) for k, v in c.items())), None)
             found, shown = label is not None, "its settings"
         else:
             found, value = value_of(key)
-            label = _choice_label(value) if found and spec.kind == "choice" else value
+            label = choice_label(value) if found and spec.kind == "choice" else value
             shown = f"{key}={value!r}" if found else ""
         inside, stored = contained(spec, label) if found else (False, None)
         if inside:
@@ -267,7 +267,7 @@ def covers(old: ParamSpec, new: ParamSpec) -> str | None:
             if int(old.step or 1) % int(new.step or 1) or (old.int[0] - new.int[0]) % int(new.step or 1):
                 return f"step {new.step} does not hit every value of {describe(old)}"
         else:
-            values = ([_choice_label(v) for v in old.choice] if old.kind == "choice"
+            values = ([choice_label(v) for v in old.choice] if old.kind == "choice"
                       else list(range(old.int[0], old.int[1] + 1, int(old.step or 1))))
         missing = [v for v in values if not contained(new, v)[0]]
         return f"{describe(new)} leaves out {missing[:5]} of the earlier {describe(old)}" if missing else None
