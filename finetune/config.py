@@ -99,7 +99,7 @@ class BackboneConfig(Strict):
     num_layers: int | None = Field(default=None, gt=0)
     """Keep only the first N encoder layers (a truncated, cheaper backbone; default: all)."""
     reinit_layers: int = Field(default=0, ge=0)
-    """Re-initialise the top N encoder layers (and a pooler) before fine-tuning, as in Zhang et al. 2021,
+    """Re-initialise the top N encoder layers before fine-tuning, as in Zhang et al. 2021,
     "Revisiting Few-sample BERT Fine-tuning": the top layers are the most specific to the pre-training task."""
     keep_head: bool = False
     """With backbone.name a run folder: continue with that run's trained head (same task, head type and size,
