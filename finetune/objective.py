@@ -34,7 +34,9 @@ class Objective:
     def loss(self, model, batch: dict) -> torch.Tensor:
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
         labels = batch["labels"]
-        weights = None if self.weights is None else self.weights.to(logits.device)
+        if self.weights is not None and self.weights.device != logits.device:
+            self.weights = self.weights.to(logits.device)  # once, not every step
+        weights = self.weights
         if self.task == "multi_label_classification":
             targets = labels.float() * (1 - self.smoothing) + self.smoothing / 2  # toward 0.5, per label
             return F.binary_cross_entropy_with_logits(logits, targets, pos_weight=weights)

@@ -107,6 +107,8 @@ def write_json(path: Path, value: dict) -> None:
 
 def build_data(folder: Path, rows: int, validation: int) -> dict:
     """train.tsv, validation.tsv (whole sentences), test.tsv, labels as the recipe names them."""
+    from bench_validation import write_splits
+
     from finetune.config import DataConfig
     from finetune.data import load_splits
 
@@ -115,14 +117,7 @@ def build_data(folder: Path, rows: int, validation: int) -> dict:
                              "test": "test"})
     raw = load_splits(cfg)
     train = raw["train"].shuffle(seed=0).select(range(min(rows, len(raw["train"]))))
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, split in (("train", train), ("validation", raw["validation"]), ("test", raw["test"])):
-        with open(folder / f"{name}.tsv", "w", newline="") as f:
-            writer = csv.writer(f, delimiter="\t", lineterminator="\n")
-            writer.writerow(["sentence", "label"])
-            writer.writerows((text, ("negative", "positive")[int(label)])
-                             for text, label in zip(split["sentence"], split["label"]))
-    return {"train": len(train), "validation": len(raw["validation"]), "test": len(raw["test"])}
+    return write_splits(folder, {"train": train, "validation": raw["validation"], "test": raw["test"]})
 
 
 # --- the summary --------------------------------------------------------------------------------------
@@ -162,7 +157,7 @@ def mean_sd(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.2f} ± {100 * sd:.2f}"
 
 
-def summarise(results: list[dict], budget: float, info: dict, command: str, out_dir: Path) -> str:
+def summarise(results: list[dict], budget: float, info: dict, command: str) -> str:
     by_tool: dict[str, list[dict]] = {}
     for r in results:
         by_tool.setdefault(r["tool"], []).append(r)
@@ -324,7 +319,7 @@ def main() -> int:
         writer.writeheader()
         writer.writerows(rows)
     plot(rows, out_dir / "search_curves.png", budget)
-    table = summarise(results, budget, info, command, out_dir)
+    table = summarise(results, budget, info, command)
     (out_dir / "results.md").write_text(table)
     print(table)
     return 0

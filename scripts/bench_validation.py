@@ -55,15 +55,20 @@ def build_data(folder: Path, rows: int) -> dict:
                          splits={"train": "train", "validation_from_train": 2000, "test": "test"})
     rest, by_row = carve_validation(raw["train"], 2000, 0, row_cfg)
     train = rest.shuffle(seed=0).select(range(min(rows, len(rest))))
+    return write_splits(folder, {"train": train, "row": by_row, "whole": raw["validation"], "test": raw["test"]})
+
+
+def write_splits(folder: Path, splits: dict) -> dict[str, int]:
+    """Each SST-2 split as <name>.tsv with the recipe's label names (the files say 0 and 1, the hub's
+    ClassLabel means negative and positive); the rows each holds."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name, split in (("train", train), ("row", by_row), ("whole", raw["validation"]), ("test", raw["test"])):
+    for name, split in splits.items():
         with open(folder / f"{name}.tsv", "w", newline="") as f:
             writer = csv.writer(f, delimiter="\t", lineterminator="\n")
             writer.writerow(["sentence", "label"])
-            # the recipe's label names (the files say 0 and 1, the hub's ClassLabel means these)
             writer.writerows((text, ("negative", "positive")[int(label)])
                              for text, label in zip(split["sentence"], split["label"]))
-    return {name: sum(1 for _ in open(folder / f"{name}.tsv")) - 1 for name in ("train", "row", "whole", "test")}
+    return {name: len(split) for name, split in splits.items()}
 
 
 def draw_configs(count: int, seed: int = 0) -> list[list[str]]:
