@@ -5,6 +5,7 @@
     finetune predict --model RUN_DIR --input sentences.txt
     finetune sweep --recipe recipes/sst2_minilm_sweep.yaml sweep.n_trials=4
     finetune sweep-report sweeps/sst2_minilm_sweep
+    finetune auto --recipe trec_minilm_full --budget 30m
     finetune prune --model RUN_DIR --method magnitude --sparsity 0.5
     finetune ensemble --from-sweep SWEEP_DIR --top-k 3
     finetune compare --recipe sst2_minilm_full --variants pretrained,scratch
@@ -190,12 +191,44 @@ def sweep_command(args: argparse.Namespace) -> int:
     overrides += [f"sweep.storage={args.storage}"] if args.storage else []
     overrides += [f"sweep.study={args.study}"] if args.study else []
     recipe, cfg = load_sweep_file(recipes.recipe_path(args.recipe), overrides)
+    if cfg.preset == "auto":
+        return _auto(recipe, cfg)
     result = run_sweep(recipe, cfg)
     if is_main_process():
         print(json.dumps({"sweep_dir": str(result.sweep_dir), "best_trial": result.best_trial,
                           f"best_{result.metric}": result.best_value, "best_params": result.best_params,
                           "best_run_dir": str(result.best_run_dir) if result.best_run_dir else None,
                           **({"note": result.note} if result.note else {})}))
+    end_processes()
+    return 0
+
+
+def auto_command(args: argparse.Namespace) -> int:
+    """``finetune auto``: a recipe (with or without a sweep: section) searched and ensembled within --budget."""
+    import recipes
+    from finetune.config import read_recipe_file
+    from finetune.sweep import load_sweep_file, parse_sweep
+
+    path = recipes.recipe_path(args.recipe)
+    overrides = [*args.overrides, f"sweep.budget={args.budget}"] + ([f"sweep.dir={args.dir}"] if args.dir else [])
+    if "sweep" in read_recipe_file(path):
+        recipe, cfg = load_sweep_file(path, [*overrides, "sweep.preset=auto"])
+    else:
+        recipe = recipes.load(args.recipe, *[o for o in overrides if not o.startswith("sweep.")])
+        cfg = parse_sweep({"preset": "auto"}, [o[len("sweep."):] for o in overrides if o.startswith("sweep.")])
+    return _auto(recipe, cfg)
+
+
+def _auto(recipe, cfg) -> int:
+    from finetune.processes import end_processes
+    from finetune.sweep.auto import run_auto
+
+    result = run_auto(recipe, cfg)
+    if is_main_process():
+        print(result.report.read_text(), flush=True)
+        print(json.dumps({"sweep_dir": str(result.sweep.sweep_dir), "report": str(result.report),
+                          "best_run_dir": str(result.sweep.best_run_dir) if result.sweep.best_run_dir else None,
+                          "ensemble_dir": str(result.ensemble_dir) if result.ensemble_dir else None}))
     end_processes()
     return 0
 
@@ -264,6 +297,13 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = commands.add_parser("sweep", help="run or resume a sweep (grid, random, bayes, gp)")
     _add_sweep_args(sweep)
     sweep.set_defaults(handler=sweep_command)
+    auto = commands.add_parser("auto", help="search and ensemble a recipe within a time budget (sweep.preset: auto)")
+    auto.add_argument("--recipe", required=True, help="recipe YAML file or shipped recipe name")
+    auto.add_argument("--budget", required=True, help="wall-clock budget for search and ensemble: 2h, 90m or seconds")
+    auto.add_argument("--dir", help="the sweep folder (default: sweeps/<recipe name>); re-running resumes")
+    auto.add_argument("overrides", nargs="*", metavar="key=value",
+                      help="recipe overrides (data.max_train_samples=...) and sweep overrides (sweep.seed=1)")
+    auto.set_defaults(handler=auto_command)
     report = commands.add_parser("sweep-report", help="rebuild a sweep's table and plots")
     report.add_argument("sweep_dir", help="the sweep folder")
     report.set_defaults(handler=sweep_report_command)

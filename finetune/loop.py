@@ -163,6 +163,10 @@ class Loop:
     """``finetune.soup.SoupPool`` with train.soup: the weights of the best evaluations so far."""
     objective = None
     """``finetune.objective.Objective`` when the recipe smooths labels or weighs classes."""
+    deadline: float | None = None
+    """A ``time.monotonic()`` moment at which training stops (a budgeted sweep); see ``_out_of_time``."""
+    stopped_at: int | None = None
+    """The optimizer step at which the deadline stopped training (None: it ran its schedule)."""
 
     def _restore(self) -> None:
         try:
@@ -234,6 +238,10 @@ class Loop:
                     evaluated_at, stop = state.global_step, self.validate()
                 elif cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
+                if not stop and self.deadline is not None and self._out_of_time():
+                    stop, self.stopped_at = True, state.global_step
+                    log.info("the deadline is near: training stops at step %d of %d (the best evaluation so far, "
+                             "or the final weights' validation, is the model)", state.global_step, self.total_steps)
                 if stop or state.global_step >= self.total_steps:
                     break
             else:  # the epoch ran to its end
@@ -249,6 +257,16 @@ class Loop:
         if self.distillation is not None:
             return self.distillation.loss(model, batch)
         return model(**batch).loss if self.objective is None else self.objective.loss(model, batch)
+
+    def _out_of_time(self) -> bool:
+        """Whether the deadline is near: a validation of the final weights (timed by the earlier ones) would
+        end past it. All processes stop at the same step."""
+        evaluations = len(self.history)
+        reserve = 1.2 * self.state.eval_seconds / evaluations if evaluations else 0.0
+        late = torch.tensor(float(time.monotonic() + reserve >= self.deadline), device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            late = self.accelerator.reduce(late, reduction="sum")
+        return bool(late.item() > 0)
 
     def _seconds_not_training(self) -> float:
         return self.state.eval_seconds + self.state.checkpoint_seconds

@@ -46,3 +46,13 @@ class Recipe(RecipeConfig):
         if n_trials is not None:
             raw["n_trials"] = n_trials
         return run_sweep(self, parse_sweep(raw))
+
+    def auto(self, budget: float | str, **settings):
+        """Search and ensemble within a wall-clock budget (seconds, or "30m", "2h"): ``sweep.preset: auto``,
+        see ``finetune.sweep.auto``. ``settings`` are other sweep fields (dir, seed, parameters, ...).
+        Returns an ``AutoResult`` (the sweep, the summary, the ensemble folder, the report); re-running resumes.
+        """
+        from finetune.sweep import parse_sweep
+        from finetune.sweep.auto import run_auto
+
+        return run_auto(self, parse_sweep({"preset": "auto", "budget": budget, **settings}))

@@ -71,7 +71,8 @@ log = logging.getLogger("finetune")
 
 def train_run(recipe: RecipeConfig, resume: bool = False, overwrite: bool | None = None, *,
               on_validation: Callable[[dict], None] | None = None, quiet: bool = False,
-              model: nn.Module | None = None, test: bool | Callable[[dict], bool] = True) -> RunResult:
+              model: nn.Module | None = None, test: bool | Callable[[dict], bool] = True,
+              deadline: float | None = None) -> RunResult:
     """The lifecycle of one run: build, open the folder, train, restore the best evaluation, test, export,
     keep what ``output.keep`` says. ``finetune.techniques.run_recipe`` adds what the recipe asks for after
     training; pruning's recovery fine-tune calls this directly, on the pruned model.
@@ -81,7 +82,9 @@ def train_run(recipe: RecipeConfig, resume: bool = False, overwrite: bool | None
     there and may raise to stop the run); ``quiet`` keeps the console to warnings (train.log gets all).
     ``model``: train this model (its weights restored to the best evaluation in place) instead of building
     one from the recipe's backbone and head. ``test=False`` leaves the test split unscored; a function of the
-    best validation scores decides (a sweep scores only the trials it will keep).
+    best validation scores decides (a sweep scores only the trials it will keep). ``deadline``: a
+    ``time.monotonic()`` moment (a budgeted sweep's end) at which training stops early, leaving time for one
+    last validation; the best evaluation so far is the run's model and metrics.json says where it stopped.
 
     Raises:
         RecipeError: invalid data, labels, backbone, policy or run folder (before anything is written).
@@ -93,7 +96,7 @@ def train_run(recipe: RecipeConfig, resume: bool = False, overwrite: bool | None
     if resume and overwrite:
         raise RunFolderError("--resume and --overwrite contradict each other: --resume continues the run in "
                              "output.dir, --overwrite replaces it; pass one of them")
-    run = Run(recipe, on_validation=on_validation, quiet=quiet, model=model, test=test)
+    run = Run(recipe, on_validation=on_validation, quiet=quiet, model=model, test=test, deadline=deadline)
     try:
         with folder_errors(run.run_dir):
             run.open_folder(resume=resume, overwrite=bool(not resume and recipe.output.overwrite
@@ -130,11 +133,12 @@ class Run(Loop):
     """One training run: its parts, its folder, its state."""
 
     def __init__(self, recipe: RecipeConfig, on_validation: Callable[[dict], None] | None = None, quiet: bool = False,
-                 model: nn.Module | None = None, test: bool | Callable[[dict], bool] = True):
+                 model: nn.Module | None = None, test: bool | Callable[[dict], bool] = True,
+                 deadline: float | None = None):
         """``on_validation(record)`` runs after each validation is checkpointed; a sweep uses it to
         report to its study and may raise to stop the run (pruning). ``quiet`` keeps the console
         to warnings and a transient progress bar (train.log still gets everything)."""
-        self.on_validation, self.quiet, self.test = on_validation, quiet, test
+        self.on_validation, self.quiet, self.test, self.deadline = on_validation, quiet, test, deadline
         self.started = time.perf_counter()  # setup time (data, model, folder) is reported, see finish()
         # Validate again as a whole: attribute assignment checks one field, not how sections fit together.
         self.recipe = recipe = RecipeConfig.from_dict(recipe.to_dict())
@@ -376,6 +380,8 @@ class Run(Loop):
                               "checkpoint": round(state.checkpoint_seconds, 2),
                               "test": round(time.perf_counter() - test_started, 2)},
                      data=data_report_lib.metrics_summary(self.data_report))
+        if self.stopped_at is not None:
+            final["stopped_at_deadline"] = {"step": self.stopped_at, "of": self.total_steps}
         if self.distillation is not None:
             final["distill"] = self.distillation.summary
         if accelerator.is_main_process:

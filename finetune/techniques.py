@@ -26,10 +26,11 @@ log = logging.getLogger("finetune")
 
 def run_recipe(recipe: RecipeConfig, resume: bool = False, overwrite: bool | None = None, *,
                on_validation: Callable[[dict], None] | None = None, quiet: bool = False,
-               test: bool | Callable[[dict], bool] = True) -> RunResult:
+               test: bool | Callable[[dict], bool] = True, deadline: float | None = None) -> RunResult:
     """Train a recipe end to end (``train_run``, same arguments and errors), then apply what it asks for
     after training; see ``Recipe.run``."""
-    result = train_run(recipe, resume, overwrite, on_validation=on_validation, quiet=quiet, test=test)
+    result = train_run(recipe, resume, overwrite, on_validation=on_validation, quiet=quiet, test=test,
+                       deadline=deadline)
     try:
         return after_training(result, recipe)
     except KeyboardInterrupt:

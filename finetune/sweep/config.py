@@ -69,13 +69,23 @@ class PrunerConfig(Strict):
 class SweepConfig(Strict):
     method: Method = "bayes"
     """grid (every combination), random, bayes (multivariate TPE) or gp (Gaussian process)."""
-    parameters: dict[str, ParamSpec | list[Any]] = Field(min_length=1)
+    preset: Literal["auto"] | None = None
+    """auto: the search is chosen for you (see finetune.sweep.preset): TPE with successive halving (Hyperband)
+    over the policy (full / LoRA / frozen lower layers), a learning-rate range per policy, label smoothing and
+    the schedule, on the recipe's epochs; then a greedy ensemble of the kept trials. Needs a budget. Parameters
+    given beside it replace the preset's ones of the same name."""
+    parameters: dict[str, ParamSpec | list[Any]] = Field(default_factory=dict)
     """Dotted recipe key -> distribution; a plain list means choice."""
     objective: Objective = Objective()
     n_trials: int | None = Field(default=None, gt=0)
     """Trials in the whole study (re-running does not add more). Default: the grid size, or 20."""
     timeout: float | None = Field(default=None, gt=0)
     """Seconds after which this worker starts no new trial."""
+    budget: float | None = Field(default=None, gt=0)
+    """Wall-clock seconds for the whole search (or "90m", "2h"), counted over every run of this sweep folder: a
+    resumed sweep has what is left. A running trial stops training when it runs out (its best evaluation so
+    far is its result), and no trial starts with less left than the shortest trial so far took. With preset
+    auto it covers the ensemble too (the search gets 90 %)."""
     seed: int = 0
     """Seed of the sampler: the same seed proposes the same settings."""
     startup_trials: int | None = Field(default=None, ge=0)
@@ -121,6 +131,11 @@ class SweepConfig(Strict):
         kind, where = warm_source(value)
         return where if kind == "url" else str(Path(where).resolve())
 
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _duration(cls, value):
+        return parse_duration(value) if isinstance(value, str) else value
+
     @field_validator("parameters", mode="before")
     @classmethod
     def _lists_are_choices(cls, value):
@@ -133,6 +148,10 @@ class SweepConfig(Strict):
         for key in ("warm_start_study", "warm_start_top"):
             if key in self.model_fields_set and self.warm_start is None:
                 raise ValueError(f"{key} is set without warm_start (the earlier sweep folder or storage to start from)")
+        if self.preset == "auto" and self.budget is None:
+            raise ValueError("preset auto needs a budget: sweep.budget=2h (or seconds), or finetune auto --budget 2h")
+        if not self.parameters and self.preset is None:
+            raise ValueError("parameters: give at least one recipe key to search (or preset: auto)")
         recipe_keys = set(known_keys())
         seen: list[str] = []
         for key, spec in self.parameters.items():
@@ -141,8 +160,9 @@ class SweepConfig(Strict):
                     bad = [k for k in choice if k not in recipe_keys]
                     if bad:
                         raise ValueError(f"parameters.{key}: unknown recipe key {bad[0]!r} in a paired choice")
-            elif key not in recipe_keys or key.startswith(("sweep.", "output.")):
-                raise ValueError(f"parameters: {key!r} is not a recipe key that can be searched")
+            elif spec.sets(key) not in recipe_keys or spec.sets(key).startswith(("sweep.", "output.")):
+                named = f"{key!r}" if spec.key is None else f"{key}.key={spec.key!r}"
+                raise ValueError(f"parameters: {named} is not a recipe key that can be searched")
             for cond in (spec.when or {}):
                 if cond not in seen:
                     raise ValueError(f"parameters.{key}.when: {cond!r} must be a parameter listed before {key!r}")
@@ -150,6 +170,14 @@ class SweepConfig(Strict):
             if self.method == "grid" and spec.kind in ("uniform", "loguniform"):
                 raise ValueError(f"parameters.{key}: grid search needs a list of values, not a continuous "
                                  f"{spec.kind} range; give choice: [...] or use method random/bayes/gp")
+        setters: dict[str, list[str]] = {}
+        for key, spec in self.parameters.items():
+            if not spec.paired:
+                setters.setdefault(spec.sets(key), []).append(key)
+        for target, names in setters.items():
+            if len(names) > 1 and any(not self.parameters[n].when for n in names):
+                raise ValueError(f"parameters {names} all set {target}: give each a 'when' condition, so one "
+                                 "trial samples only one of them")
         if self.method == "grid" and self.n_trials is not None:
             size = len(grid_points(self.parameters))
             if self.n_trials > size:
@@ -161,7 +189,7 @@ class SweepConfig(Strict):
         if self.measure_cost is not None:
             return self.measure_cost
         keys = [k for key, spec in self.parameters.items()
-                for k in ({k for choice in spec.choice for k in choice} if spec.paired else {key})]
+                for k in ({k for choice in spec.choice for k in choice} if spec.paired else {spec.sets(key)})]
         return any(k.startswith(ARCHITECTURE_KEYS) for k in keys)
 
     def trials_total(self) -> int:
@@ -176,6 +204,24 @@ class SweepConfig(Strict):
         if self.startup_trials is not None:
             return self.startup_trials
         return max(1, min(10, self.trials_total() // 4))
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from "7200", "7200s", "90m", "2h" or "1.5h".
+
+    Raises:
+        ValueError: anything else (pydantic reports it under the key).
+    """
+    units = {"s": 1, "m": 60, "h": 3600}
+    cleaned = text.strip().lower()
+    number, unit = (cleaned[:-1], cleaned[-1]) if cleaned[-1:] in units else (cleaned, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        raise ValueError("expected seconds or a duration such as 90m or 2h") from None
+    if not seconds > 0 or seconds == float("inf"):
+        raise ValueError("expected a positive duration")
+    return seconds
 
 
 WarmSource = tuple[Literal["folder", "journal", "url"], Path | str]

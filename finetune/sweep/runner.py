@@ -77,6 +77,8 @@ class SweepResult:
     """Its validation value (the study's best may be better: see ``note``)."""
     note: str | None = None
     """Set when the study's best trial ran elsewhere: where it ran, and what best/ here holds instead."""
+    spent_before: float = 0.0
+    """Seconds the study's trials had taken before this run (what sweep.budget counted as spent)."""
     recipe_class: type[RecipeConfig] = field(default=RecipeConfig, repr=False)
     """The swept recipe's class: ``best_recipe`` is one too (``finetune.Recipe`` can ``run()``)."""
 
@@ -96,6 +98,9 @@ def run_sweep(recipe: RecipeConfig, cfg: SweepConfig) -> SweepResult:
 
 class Sweep:
     def __init__(self, recipe: RecipeConfig, cfg: SweepConfig):
+        from finetune.sweep.preset import resolve
+
+        cfg = resolve(recipe, cfg)  # sweep.preset fills in the space, method and pruner
         self.recipe, self.cfg = recipe, cfg
         self.metric = cfg.objective.metric or recipe.eval.primary
         if self.metric != "loss" and self.metric not in recipe.eval.metrics:
@@ -112,6 +117,8 @@ class Sweep:
         self.state = PartialState(cpu=multi_process_without_accelerator())
         self.study: optuna.Study | None = None
         self.trial: optuna.Trial | None = None  # the main process's current trial (other ranks get its overrides)
+        self.deadline: float | None = None  # sweep.budget: the time.monotonic() at which the search ends
+        self.spent_before = 0.0  # seconds the study's trials took before this run
 
     # --- the loop ---------------------------------------------------------------
 
@@ -121,6 +128,13 @@ class Sweep:
         if self.state.is_main_process:
             self._open()
         started = time.monotonic()
+        if self.state.is_main_process:
+            self.spent_before = spent_seconds(self.study)
+        if self.cfg.budget and self.state.is_main_process:
+            spent = self.spent_before
+            self.deadline = started + self.cfg.budget - spent
+            log.info("budget %.0f s: %.0f s spent by earlier runs of this sweep, %.0f s left", self.cfg.budget, spent,
+                     max(0.0, self.cfg.budget - spent))
         with sharing():  # the trials of this process read the backbone and tokenise the data once
             while True:
                 message = [None]
@@ -133,7 +147,8 @@ class Sweep:
                     broadcast_object_list(message)
                 if message[0] is None:
                     break
-                self._run_trial(**message[0])
+                left = message[0].pop("seconds_left")  # each process turns it into a deadline on its own clock
+                self._run_trial(**message[0], deadline=None if left is None else time.monotonic() + left)
         if not self.state.is_main_process:
             return SweepResult(self.sweep_dir, self.study_name, self.metric, self.direction,
                                recipe_class=type(self.recipe))
@@ -194,6 +209,12 @@ class Sweep:
         if cfg.timeout and time.monotonic() - started > cfg.timeout:
             log.info("timeout of %.0f s reached; starting no new trial", cfg.timeout)
             return None
+        if self.deadline is not None:
+            left, shortest = self.deadline - time.monotonic(), shortest_trial(study)
+            if left <= 0 or (shortest is not None and left < shortest):
+                log.info("budget: %.0f s left, less than the shortest trial so far (%s); starting no new trial",
+                         max(left, 0.0), "none" if shortest is None else f"{shortest:.0f} s")
+                return None
         for number in studies.recover_stale(study, cfg.heartbeat_seconds, self.sweep_dir):
             log.info("trial %d: its worker stopped sending heartbeats; its settings are queued again", number)
         finished = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
@@ -220,7 +241,9 @@ class Sweep:
                      trial.number, same.number, " ".join(overrides), same.value)
             return self._next_trial(started)
         self.trial = trial
-        return {"number": trial.number, "overrides": overrides}
+        # the trial's training stops early enough for what comes after it (export, the model card, bookkeeping)
+        left = None if self.deadline is None else self.deadline - time.monotonic() - after_training_seconds(study)
+        return {"number": trial.number, "overrides": overrides, "seconds_left": left}
 
     def _completed_with(self, params: dict) -> optuna.trial.FrozenTrial | None:
         for done in own_trials(self.study, (TrialState.COMPLETE,)):  # a lent trial ran on another recipe
@@ -230,12 +253,12 @@ class Sweep:
 
     # --- one trial -----------------------------------------------------------------
 
-    def _run_trial(self, number: int, overrides: list[str]) -> None:
+    def _run_trial(self, number: int, overrides: list[str], deadline: float | None = None) -> None:
         cfg, main = self.cfg, self.state.is_main_process
         trial = self.trial if main else None
         trial_dir = self.sweep_dir / "trials" / f"{number:04d}"
         began = time.monotonic()
-        values, results, state, error = [], [], TrialState.COMPLETE, None
+        values, results, state, error, stopped = [], [], TrialState.COMPLETE, None, None
         heartbeat = studies.Heartbeat(self.study, trial._trial_id, cfg.heartbeat_seconds) if main else None
         # sweep.test=kept: the run scores test once its validation says keep_top_k will keep it (the study is on
         # the main process only: a multi-process launch scores every trial)
@@ -250,8 +273,10 @@ class Sweep:
                     recipe = self._trial_recipe(overrides, run_dir, repeat)
                     result = run_recipe(recipe, overwrite=True, quiet=True,  # the sweep prints a line per trial
                                         on_validation=self._pruning_hook(trial) if repeat == 0 else None,
-                                        test=test)
+                                        test=test, deadline=deadline)
                     values.append(result.metrics["validation"][self.metric])
+                    if "stopped_at_deadline" in result.metrics:
+                        stopped = result.metrics["stopped_at_deadline"]
                     results.append(result)
         except optuna.TrialPruned:
             state = TrialState.PRUNED
@@ -289,6 +314,8 @@ class Sweep:
             seconds = time.monotonic() - began  # measuring cost is part of the trial's time
             attrs["seconds"] = round(seconds, 1)
             attrs.update(time_split=_time_split(results, seconds))
+            if stopped is not None:  # its schedule was cut: the report says so beside its value
+                attrs.update(stopped_at_deadline=stopped)
             if len(values) > 1:
                 attrs.update(values=values, ci95=_ci95(values))
             if math.isnan(value):
@@ -364,7 +391,8 @@ class Sweep:
 
     def _result(self, rows: list[dict]) -> SweepResult:
         result = SweepResult(self.sweep_dir, self.study.study_name, self.metric, self.direction, trials=rows,
-                             recipe_class=type(self.recipe))  # a widened sweep's study is <name>.widened-K
+                             spent_before=self.spent_before,  # a widened sweep's study is <name>.widened-K
+                             recipe_class=type(self.recipe))
         best, held = self.folder.best(self.study), self.folder.held_by_best()
         if held is not None:
             result.here_trial, result.here_value = held["trial"], held["value"]
@@ -384,6 +412,26 @@ class Sweep:
 
 
 # --- helpers --------------------------------------------------------------------------
+
+def spent_seconds(study: optuna.Study) -> float:
+    """Wall time this sweep's finished trials took, over all its runs (what sweep.budget counts)."""
+    return sum(t.user_attrs.get("seconds", 0.0) for t in own_trials(study, (
+        TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)) if t.user_attrs.get("duplicate_of") is None)
+
+
+def shortest_trial(study: optuna.Study) -> float | None:
+    """Seconds of this sweep's shortest finished or pruned trial (a pruned one reached a first rung)."""
+    seconds = [t.user_attrs["seconds"] for t in own_trials(study, (TrialState.COMPLETE, TrialState.PRUNED))
+               if t.user_attrs.get("seconds") and t.user_attrs.get("duplicate_of") is None]
+    return min(seconds) if seconds else None
+
+
+def after_training_seconds(study: optuna.Study) -> float:
+    """The median time a completed trial of this sweep spent after its training loop (test, export, bookkeeping)."""
+    tails = sorted((t.user_attrs.get("time_split") or {}).get("other", 0.0) + (t.user_attrs.get("time_split") or {})
+                   .get("test", 0.0) for t in own_trials(study, (TrialState.COMPLETE,)) if t.user_attrs.get("time_split"))
+    return max(0.0, tails[len(tails) // 2]) if tails else 0.0
+
 
 REPORT_SCALE = "report_scale"  # study attribute: "budget" (per-mille of each trial's steps) or "steps"
 
@@ -441,7 +489,7 @@ def _check_values(recipe: RecipeConfig, cfg: SweepConfig) -> None:
             candidates = [[format_override(k, v) for k, v in choice.items()] for choice in spec.choice]
         else:
             values = spec.choice or list(spec.uniform or spec.loguniform or spec.int)
-            candidates = [[format_override(key, v)] for v in values]
+            candidates = [[format_override(spec.sets(key), v)] for v in values]
         for overrides in candidates:
             keys = tuple(o.partition("=")[0] for o in overrides)
             try:

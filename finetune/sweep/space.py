@@ -36,6 +36,10 @@ class ParamSpec(Strict):
     """int ranges: sample on a log scale."""
     when: dict[str, Any] | None = None
     """Only sample this parameter when earlier parameters have these values (a value or a list of values)."""
+    key: str | None = None
+    """The recipe key this parameter sets (default: the parameter's name). With ``when``, one key can be searched
+    in different ranges under different conditions: ``lr_lora: {loguniform: [1e-4, 2e-3], key: train.lr,
+    when: {policy.kind: lora}}`` beside ``lr_full`` for full fine-tuning."""
 
     @model_validator(mode="after")
     def _one_kind(self) -> ParamSpec:
@@ -54,6 +58,10 @@ class ParamSpec(Strict):
     @property
     def kind(self) -> str:
         return next(k for k in ("choice", "uniform", "loguniform", "int") if getattr(self, k) is not None)
+
+    def sets(self, name: str) -> str:
+        """The recipe key a parameter called ``name`` sets."""
+        return self.key or name
 
     @property
     def paired(self) -> bool:
@@ -127,7 +135,7 @@ def grid_point(partial: dict[str, Any], space: dict[str, ParamSpec], recipe: Loo
         if key in partial:
             point[key] = partial[key]
             continue
-        found, value = recipe(key)
+        found, value = recipe(spec.sets(key))
         label = choice_label(value) if found and spec.kind == "choice" else value
         inside, stored = contained(spec, label) if found and not spec.paired else (False, None)
         point[key] = stored if inside else _grid_values(key, spec)[0]
@@ -156,9 +164,9 @@ def to_overrides(params: dict[str, Any], space: dict[str, ParamSpec]) -> list[st
         if spec.paired:
             overrides.extend(value.split(PAIR_SEPARATOR))
         elif spec.kind == "choice" and isinstance(value, str) and value.startswith("["):
-            overrides.append(f"{key}={value}")  # a list-valued choice, stored as JSON
+            overrides.append(f"{spec.sets(key)}={value}")  # a list-valued choice, stored as JSON
         else:
-            overrides.append(format_override(key, value))
+            overrides.append(format_override(spec.sets(key), value))
     return overrides
 
 
@@ -234,9 +242,9 @@ def express(settings: dict[str, Any], space: dict[str, ParamSpec], ran_on: Looku
                           if all(value_of(k) == (True, v) for k, v in c.items())), None)
             found, shown = label is not None, "its settings"
         else:
-            found, value = value_of(key)
+            found, value = value_of(spec.sets(key))
             label = choice_label(value) if found and spec.kind == "choice" else value
-            shown = f"{key}={value!r}" if found else ""
+            shown = f"{spec.sets(key)}={value!r}" if found else ""
         inside, stored = contained(spec, label) if found else (False, None)
         if inside:
             params[key] = stored
@@ -253,7 +261,7 @@ def complete(params: dict[str, Any], space: dict[str, ParamSpec]) -> bool:
 
 def covered_keys(space: dict[str, ParamSpec]) -> set[str]:
     """The recipe keys a space sets (a paired choice sets its keys)."""
-    return {k for k, s in space.items() if not s.paired} | {
+    return {s.sets(k) for k, s in space.items() if not s.paired} | {
         k for s in space.values() if s.paired for choice in s.choice for k in choice}
 
 
@@ -261,6 +269,8 @@ def covers(old: ParamSpec, new: ParamSpec) -> str | None:
     """None when every value ``old`` can take lies in ``new`` (a widening); else why not."""
     if (old.when or None) != (new.when or None):
         return f"its condition changed ({old.when} -> {new.when})"
+    if old.key != new.key:
+        return f"the recipe key it sets changed ({old.key} -> {new.key})"
     if old.kind in ("choice", "int"):
         if old.kind == "int" and new.kind == "int" and (old.int[1] - old.int[0]) // int(old.step or 1) > 10_000:
             values = [old.int[0], old.int[1]]  # the ends of a long range; the step is compared below

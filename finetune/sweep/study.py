@@ -96,6 +96,21 @@ class BudgetMedianPruner(optuna.pruners.BasePruner):
         return own < median if best is max else own > median
 
 
+class FirstEvaluationHyperband(optuna.pruners.HyperbandPruner):
+    """Optuna's Hyperband with ``min_resource="auto"``: the first evaluation's step of the finished trials (Optuna's
+    own takes only a number there). Like its ``max_resource="auto"``, it is settled once a trial finishes; until
+    then nothing is pruned."""
+
+    def _try_initialization(self, study: optuna.Study) -> None:
+        if self._min_resource == "auto":
+            firsts = [min(t.intermediate_values) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                      if t.intermediate_values]
+            if not firsts:
+                return
+            self._min_resource = max(1, min(firsts))
+        super()._try_initialization(study)
+
+
 def make_pruner(cfg: SweepConfig) -> optuna.pruners.BasePruner:
     p = cfg.pruner
     if p.kind == "median" and p.compare == "budget":
@@ -103,8 +118,8 @@ def make_pruner(cfg: SweepConfig) -> optuna.pruners.BasePruner:
     if p.kind == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=p.startup_trials, n_warmup_steps=p.warmup_steps)
     if p.kind == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=p.min_resource or "auto", max_resource=p.max_resource or "auto",
-                                              reduction_factor=p.reduction_factor)
+        return FirstEvaluationHyperband(min_resource=p.min_resource or "auto", max_resource=p.max_resource or "auto",
+                                        reduction_factor=p.reduction_factor)
     return optuna.pruners.NopPruner()
 
 

@@ -1,0 +1,136 @@
+"""``finetune auto`` and what it stands on: the auto preset, sweep.budget (a deadline inside each trial,
+counted across runs), one recipe key searched in ranges per condition, and Hyperband's defaults."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from conftest import tiny_recipe
+
+from finetune import RecipeError
+from finetune.cli import main
+from finetune.run import train_run
+from finetune.sweep import parse_sweep
+from finetune.sweep.preset import resolve
+from finetune.sweep.space import to_overrides
+
+AUTO_TRAIN = {"epochs": 3, "eval_every": 2, "batch_size": 32}
+
+
+# --- the configuration ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, seconds", [("7200", 7200), ("90m", 5400), ("2h", 7200), ("1.5h", 5400), ("45s", 45)])
+def test_budget_reads_durations(text, seconds):
+    assert parse_sweep({"parameters": {"train.lr": [1e-3]}, "budget": text}).budget == seconds
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"preset": "auto"}, "preset auto needs a budget"),
+    ({"preset": "auto", "budget": "2 hours"}, "expected seconds or a duration such as 90m or 2h"),
+    ({"preset": "auto", "budget": "-5m"}, "expected a positive duration"),
+    ({}, "give at least one recipe key to search"),
+    ({"parameters": {"lr_a": {"loguniform": [1e-5, 1e-4], "key": "train.lr"},
+                     "lr_b": {"loguniform": [1e-4, 1e-3], "key": "train.lr"}}}, "all set train.lr: give each a 'when'"),
+    ({"parameters": {"lr": {"loguniform": [1e-5, 1e-4], "key": "train.lrr"}}}, "lr.key='train.lrr' is not a recipe key"),
+])
+def test_bad_auto_and_budget_settings_are_refused_clearly(raw, message):
+    with pytest.raises(RecipeError, match=message):
+        parse_sweep(raw)
+
+
+def test_auto_preset_searches_policies_with_a_learning_rate_range_each(tiny_backbone, sentiment_dir, tmp_path):
+    recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path)
+    cfg = resolve(recipe, parse_sweep({"preset": "auto", "budget": 60, "parameters": {"train.scheduler": ["cosine"]}}))
+    assert cfg.method == "bayes" and cfg.pruner.kind == "hyperband" and cfg.test == "none"
+    policies = cfg.parameters["policy"].choice
+    assert [p["policy.kind"] for p in policies] == ["full", "lora", "freeze"]
+    assert policies[2]["policy.freeze_layers"] == 1  # half of the tiny backbone's 2 layers
+    for name, policy in zip(("lr_full", "lr_lora", "lr_freeze"), policies):
+        spec = cfg.parameters[name]
+        assert spec.key == "train.lr" and spec.when == {"policy": policy}
+    assert cfg.parameters["train.scheduler"].choice == ["cosine"]  # the user's parameter replaces the preset's
+    assert resolve(recipe, cfg) == cfg  # a resumed sweep (its sweep.yaml holds this) resolves to the same search
+    # a trial samples one learning rate, under its own policy's name, and sets train.lr with it
+    overrides = to_overrides({"policy": "policy.kind=full", "lr_full": 3e-5}, cfg.parameters)
+    assert overrides == ["policy.kind=full", "train.lr=3e-05"]
+
+
+# --- the deadline inside a run ---------------------------------------------------------
+
+
+def test_a_deadline_stops_training_and_keeps_the_best_evaluation(tiny_backbone, sentiment_dir, tmp_path):
+    recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path, train={"epochs": 200, "eval_every": 6})
+    began = time.monotonic()
+    result = train_run(recipe, deadline=began + 8)
+    stopped = result.metrics["stopped_at_deadline"]
+    assert 0 < stopped["step"] < stopped["of"] == 200 * 12
+    assert result.history[-1]["step"] == stopped["step"]  # the final weights got their validation
+    assert time.monotonic() - began < 8 + 10  # training ended by the deadline; the rest is test and export
+    assert (result.run_dir / "model.safetensors").is_file() or any(result.run_dir.glob("*.safetensors"))
+
+
+# --- sweeps -----------------------------------------------------------------------------
+
+
+def test_hyperband_with_default_resources_prunes_instead_of_failing(tiny_backbone, sentiment_dir, tmp_path):
+    """min_resource defaults to the first evaluation's step: Optuna's Hyperband takes only a number there, and
+    every trial after the first failed with a TypeError."""
+    recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path, train={"epochs": 1, "eval_every": 2, "batch_size": 16})
+    result = recipe.sweep({"train.lr": [1e-2, 1e-7, 2e-7]}, method="grid", dir=str(tmp_path / "hb"),
+                          pruner={"kind": "hyperband", "reduction_factor": 3})
+    assert [row["state"] for row in result.trials].count("FAIL") == 0
+    assert all(row["intermediate"] for row in result.trials)
+
+
+def test_budget_ends_the_search_and_a_rerun_counts_what_was_spent(tiny_backbone, sentiment_dir, tmp_path):
+    recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path, train={"epochs": 40, "eval_every": 6})
+    began = time.monotonic()
+    result = recipe.sweep({"train.lr": {"loguniform": [1e-3, 1e-2]}}, method="random", n_trials=50, budget=12,
+                          dir=str(tmp_path / "b"))
+    seconds = [row["seconds"] for row in result.trials]
+    assert sum(seconds) <= 12 + 6 and time.monotonic() - began < 12 + 30
+    assert any(row.get("stopped_at_deadline") for row in result.trials)  # the last one was cut, not let run
+    assert "sweep.budget ran out" in (result.sweep_dir / "report" / "report.md").read_text()
+    again = recipe.sweep({"train.lr": {"loguniform": [1e-3, 1e-2]}}, method="random", n_trials=50, budget=12,
+                         dir=str(tmp_path / "b"))
+    assert again.spent_before == pytest.approx(sum(seconds), abs=0.5)
+    assert len(again.trials) == len(result.trials)  # nothing left: no new trial
+
+
+def test_finetune_auto_searches_ensembles_and_reports(tiny_backbone, sentiment_dir, tmp_path, capsys):
+    recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path, train=AUTO_TRAIN, output={})
+    path = tmp_path / "recipe.yaml"
+    path.write_text(recipe.to_yaml())
+    folder = tmp_path / "auto"
+    assert main(["auto", "--recipe", str(path), "--budget", "30", "--dir", str(folder), "--quiet"]) == 0
+    summary = json.loads((folder / "auto" / "auto.json").read_text())
+    assert summary["budget_seconds"] == 30 and set(summary["phases_seconds"]) == {"search", "ensemble"}
+    assert summary["trials"]["complete"] >= 2
+    single, bag = summary["best_single"], summary["ensemble"]
+    low, high = single["test_ci95"]
+    assert low <= single["test_metrics"]["accuracy"] <= high
+    assert bag["members"] and sum(m["weight"] for m in bag["members"]) == pytest.approx(1.0)
+    assert (folder / "ensemble" / "ensemble.json").is_file() and (folder / "best").is_dir()
+    report = (folder / "auto" / "report.md").read_text()
+    assert "best single: trial" in report and "ensemble (greedy" in report
+    assert (folder / "auto" / "best_so_far.png").stat().st_size > 0
+    trials = json.loads((folder / "report" / "trials.json").read_text())
+    assert sum(row["seconds"] or 0 for row in trials) <= 30 * 0.9 + 6  # the search kept to its share
+    assert not any(row["test"] for row in trials)  # test is scored once, in the ensemble step
+    # a second run resumes: the search's share is spent, so no trial starts; the ensemble is redone
+    assert main(["auto", "--recipe", str(path), "--budget", "30", "--dir", str(folder), "--quiet"]) == 0
+    again = json.loads((folder / "auto" / "auto.json").read_text())
+    assert len(json.loads((folder / "report" / "trials.json").read_text())) == len(trials)
+    assert again["earlier_runs_seconds"] > 0 and again["best_single"]["trial"] == single["trial"]
+
+
+def test_finetune_auto_refuses_a_bad_budget_before_training(tiny_backbone, sentiment_dir, tmp_path, capsys):
+    recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(recipe.to_yaml())
+    assert main(["auto", "--recipe", str(path), "--budget", "soon", "--dir", str(tmp_path / "a")]) == 2
+    assert "sweep.budget: " in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
