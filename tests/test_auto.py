@@ -13,10 +13,10 @@ from finetune import RecipeError
 from finetune.cli import main
 from finetune.run import train_run
 from finetune.sweep import parse_sweep
-from finetune.sweep.preset import resolve
+from finetune.sweep.preset import recipe_first, resolve
 from finetune.sweep.space import to_overrides
 
-AUTO_TRAIN = {"epochs": 3, "eval_every": 2, "batch_size": 32}
+AUTO_TRAIN = {"epochs": 3, "eval_every": 2, "batch_size": 32, "lr": 1e-4}
 
 
 # --- the configuration ---------------------------------------------------------------
@@ -56,6 +56,23 @@ def test_auto_preset_searches_policies_with_a_learning_rate_range_each(tiny_back
     # a trial samples one learning rate, under its own policy's name, and sets train.lr with it
     overrides = to_overrides({"policy": "policy.kind=full", "lr_full": 3e-5}, cfg.parameters)
     assert overrides == ["policy.kind=full", "train.lr=3e-05"]
+
+
+def test_auto_tries_the_recipe_as_written_first(tiny_backbone, sentiment_dir, tmp_path):
+    full = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path, train={"lr": 1e-4})
+    cfg = resolve(full, parse_sweep({"preset": "auto", "budget": 60}))
+    assert recipe_first(full, cfg) == [{"policy": "policy.kind=full", "lr_full": 1e-4,
+                                        "train.label_smoothing": 0.0, "train.scheduler": "linear"}]
+    # a LoRA recipe's own rank and alpha stand for LoRA in the search, so it can be tried as written
+    lora = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path, train={"lr": 1e-3, "scheduler": "cosine"},
+                       policy={"kind": "lora", "lora": {"rank": 4, "alpha": 8}})
+    cfg = resolve(lora, parse_sweep({"preset": "auto", "budget": 60}))
+    first = recipe_first(lora, cfg)[0]
+    assert to_overrides(first, cfg.parameters) == ["policy.kind=lora", "policy.lora.rank=4", "policy.lora.alpha=8.0",
+                                                   "train.lr=0.001", "train.label_smoothing=0.0",
+                                                   "train.scheduler=cosine"]
+    outside = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path, train={"lr": 5e-2})  # beyond lr_full's range
+    assert recipe_first(outside, resolve(outside, parse_sweep({"preset": "auto", "budget": 60}))) == []
 
 
 # --- the deadline inside a run ---------------------------------------------------------
@@ -118,6 +135,7 @@ def test_finetune_auto_searches_ensembles_and_reports(tiny_backbone, sentiment_d
     assert "best single: trial" in report and "ensemble (greedy" in report
     assert (folder / "auto" / "best_so_far.png").stat().st_size > 0
     trials = json.loads((folder / "report" / "trials.json").read_text())
+    assert trials[0]["overrides"] == "policy.kind=full train.lr=0.0001 train.label_smoothing=0.0 train.scheduler=linear"
     assert sum(row["seconds"] or 0 for row in trials) <= 30 * 0.9 + 6  # the search kept to its share
     assert not any(row["test"] for row in trials)  # test is scored once, in the ensemble step
     # a second run resumes: the search's share is spent, so no trial starts; the ensemble is redone

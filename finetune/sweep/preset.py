@@ -15,7 +15,9 @@ What it searches, and why:
 (successive halving in brackets, reduction factor 3) stops the weaker ones at its rungs, the recipe's
 evaluations. Comparing trials of one schedule at the same step is fair; searching epochs with step-wise
 pruning is not (a short schedule looks better early). TPE (multivariate, conditional) proposes after 5
-random trials. A parameter the user gives beside the preset replaces the preset's one of the same name.
+random trials; the very first trial is the recipe as written, when it lies in the space (a LoRA or frozen-layer
+recipe's own settings stand for that policy). A parameter given beside the preset replaces the preset's one
+of the same name.
 """
 
 from __future__ import annotations
@@ -51,11 +53,30 @@ def resolve(recipe: RecipeConfig, cfg: SweepConfig) -> SweepConfig:
         k: (v.model_dump(exclude_defaults=True) if isinstance(v, PrunerConfig) else v) for k, v in update.items()}})
 
 
+def recipe_first(recipe: RecipeConfig, cfg: SweepConfig) -> list[dict]:
+    """With preset auto, the recipe as written is the first trial when it lies in the space (the search starts
+    from what the user had, so its best is at least that on validation); else nothing."""
+    if cfg.preset != "auto":
+        return []
+    from finetune.sweep.space import express, recipe_values
+
+    params, why = express({}, cfg.parameters, recipe_values(recipe.to_dict()))
+    if params is None:
+        log.info("preset auto: the recipe's own settings lie outside the search (%s); they are not tried first", why)
+        return []
+    return [params]
+
+
 def auto_parameters(recipe: RecipeConfig) -> dict[str, ParamSpec]:
-    lora = {"policy.kind": "lora", "policy.lora.rank": 16, "policy.lora.alpha": 32}
+    own = recipe.policy  # the recipe's own LoRA or frozen-layer settings stand for their kind, so it can be tried
+    lora = {"policy.kind": "lora", "policy.lora.rank": own.lora.rank if own.kind == "lora" else 16,
+            "policy.lora.alpha": own.lora.alpha if own.kind == "lora" else 32}
     policies: dict[str, dict] = {"full": {"policy.kind": "full"}, "lora": lora}
     layers = encoder_layers(recipe)
-    if layers is not None and layers >= 2:
+    if own.kind == "freeze" and own.freeze_layers:
+        policies["freeze"] = {"policy.kind": "freeze", "policy.freeze_embeddings": own.freeze_embeddings,
+                              "policy.freeze_layers": own.freeze_layers}
+    elif layers is not None and layers >= 2:
         policies["freeze"] = {"policy.kind": "freeze", "policy.freeze_embeddings": True,
                               "policy.freeze_layers": layers // 2}
     space: dict[str, ParamSpec] = {"policy": ParamSpec(choice=list(policies.values()))}

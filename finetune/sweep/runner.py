@@ -175,8 +175,10 @@ class Sweep:
         fingerprint = json.loads(json.dumps(fingerprint))
         warm = (lambda: load_warm_start(self.cfg, fingerprint, self.direction, self.sweep_dir, self.study_name)
                 ) if self.cfg.warm_start else None
+        from finetune.sweep.preset import recipe_first
+
         self.study = studies.open_study(self.cfg, storage, self.study_name, self.direction, fingerprint,
-                                        self.sweep_dir, warm_start=warm)
+                                        self.sweep_dir, warm_start=warm, first=recipe_first(self.recipe, self.cfg))
         self._settle_report_scale()
         sweep_file = {**self.recipe.to_dict(), "sweep": self.cfg.model_dump(mode="json", exclude_defaults=True)}
         (self.sweep_dir / "sweep.yaml").write_text(yaml.safe_dump(sweep_file, sort_keys=False))

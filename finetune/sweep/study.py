@@ -132,9 +132,10 @@ def direction(cfg: SweepConfig, metric: str) -> str:
 
 
 def open_study(cfg: SweepConfig, storage, name: str, direction_: str, fingerprint: dict, sweep_dir: Path,
-               warm_start: Callable[[], WarmStart] | None = None) -> optuna.Study:
+               warm_start: Callable[[], WarmStart] | None = None, first: list[dict] = ()) -> optuna.Study:
     """Create the study and its slots (after a warm start's lent trials and first settings), join an
-    existing one with the same search, or widen it (see ``widen``) when the search is wider.
+    existing one with the same search, or widen it (see ``widen``) when the search is wider. ``first``:
+    settings (params of this space) a new study tries before any other, ahead of a warm start's.
 
     Raises:
         RecipeError: the study exists with another objective, base recipe or a narrower space; the warm
@@ -150,7 +151,7 @@ def open_study(cfg: SweepConfig, storage, name: str, direction_: str, fingerprin
             study = current_study(storage, name, pruner)
         else:
             study.set_user_attr(CONFIG, fingerprint)
-            total = _enqueue_slots(study, cfg, first=start.first if start else [])
+            total = _enqueue_slots(study, cfg, first=[*first, *(start.first if start else [])])
             if start:
                 start.lend(study)
             study.set_user_attr(SLOTS, total)
