@@ -11,6 +11,7 @@ from conftest import tiny_recipe
 
 from finetune import RecipeError
 from finetune.cli import main
+from finetune.ensemble.artefact import Ensemble
 from finetune.run import train_run
 from finetune.sweep import parse_sweep
 from finetune.sweep.preset import recipe_first, resolve
@@ -130,7 +131,8 @@ def test_finetune_auto_searches_ensembles_and_reports(tiny_backbone, sentiment_d
     low, high = single["test_ci95"]
     assert low <= single["test_metrics"]["accuracy"] <= high
     assert bag["members"] and sum(m["weight"] for m in bag["members"]) == pytest.approx(1.0)
-    assert (folder / "ensemble" / "ensemble.json").is_file() and (folder / "best").is_dir()
+    assert (folder / "best").is_dir() and not (folder / "ensemble.partial").exists()
+    assert Ensemble.load(folder / "ensemble").predict(["a great film"])[0]["label"] in ("0", "1")
     report = (folder / "auto" / "report.md").read_text()
     assert "best single: trial" in report and "ensemble (greedy" in report
     assert (folder / "auto" / "best_so_far.png").stat().st_size > 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,9 +104,11 @@ def _ensemble(result: SweepResult) -> tuple[dict, Path | None]:
     metric = pool.primary
     weights, selection = pool.greedy("mean", min(GREEDY_PICKS, 2 * len(members)))
     report = pool.report(weights, "mean", selection)
-    single = pool.one_hot(0)  # the best validation trial
-    summary["best_single"].update(name=members[0].name, path=str(members[0].path),
-                                  **{f"{split}_metrics": report["members"][0].get(split) for split in pool.splits})
+    # the study's best trial (on a tie of values, the ranking above may put another first)
+    best = next((i for i, m in enumerate(members) if m.name == f"trial {result.best_trial}"), 0)
+    single = pool.one_hot(best)
+    summary["best_single"].update(name=members[best].name, path=str(members[best].path),
+                                  **{f"{split}_metrics": report["members"][best].get(split) for split in pool.splits})
     summary["ensemble"] = {"members": [{"name": m["name"], "weight": m["weight"]} for m in report["members"]
                                        if m["weight"] > 0],
                            "candidates": len(members),
@@ -117,15 +120,14 @@ def _ensemble(result: SweepResult) -> tuple[dict, Path | None]:
             summary["ensemble"]["mcnemar_vs_single"] = _mcnemar(pool, single, weights)
     else:
         summary["test"] = "the recipe has no test split: validation chose both, so their scores are optimistic"
-    ensemble_dir = result.sweep_dir / "ensemble"
-    if ensemble_dir.exists():
-        import shutil
-
-        shutil.rmtree(ensemble_dir)  # ours from an earlier run of this job: the new bag replaces it
+    ensemble_dir, staging = result.sweep_dir / "ensemble", result.sweep_dir / "ensemble.partial"
+    shutil.rmtree(staging, ignore_errors=True)
     chosen_members = [(m, float(w)) for m, w in zip(members, weights) if w > 0]
     Ensemble([m for m, _ in chosen_members], [w for _, w in chosen_members], "mean", best_recipe, report,
-             {"from_sweep": str(result.sweep_dir), "greedy": True, "combine": "mean", "auto": True}).save(ensemble_dir)
-    atomic_write_text(ensemble_dir / "ensemble_report.json", json.dumps(report, indent=2) + "\n")
+             {"from_sweep": str(result.sweep_dir), "greedy": True, "combine": "mean", "auto": True}).save(staging)
+    atomic_write_text(staging / "ensemble_report.json", json.dumps(report, indent=2) + "\n")
+    shutil.rmtree(ensemble_dir, ignore_errors=True)  # an earlier run's bag: the new one replaces it whole
+    staging.rename(ensemble_dir)
     return summary, ensemble_dir
 
 
