@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     auto = commands.add_parser("auto", help="search and ensemble a recipe within a time budget (sweep.preset: auto)")
     auto.add_argument("--recipe", required=True, help="recipe YAML file or shipped recipe name")
     auto.add_argument("--budget", required=True, help="wall-clock budget for search and ensemble: 2h, 90m or seconds")
-    auto.add_argument("--dir", help="the sweep folder (default: sweeps/<recipe name>); re-running resumes")
+    auto.add_argument("--dir", help="the sweep folder (default: sweeps/<recipe name>-auto); re-running resumes")
     auto.add_argument("overrides", nargs="*", metavar="key=value",
                       help="recipe overrides (data.max_train_samples=...) and sweep overrides (sweep.seed=1)")
     auto.set_defaults(handler=auto_command)
