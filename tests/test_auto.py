@@ -104,7 +104,8 @@ def test_hyperband_with_default_resources_prunes_instead_of_failing(tiny_backbon
 
 
 def test_budget_ends_the_search_and_a_rerun_counts_what_was_spent(tiny_backbone, sentiment_dir, tmp_path):
-    recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path, train={"epochs": 40, "eval_every": 6})
+    # far more epochs than 12 s can train on any machine, so the first trial always meets the deadline
+    recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path, train={"epochs": 4000, "eval_every": 6})
     began = time.monotonic()
     result = recipe.sweep({"train.lr": {"loguniform": [1e-3, 1e-2]}}, method="random", n_trials=50, budget=12,
                           dir=str(tmp_path / "b"))
@@ -145,6 +146,9 @@ def test_finetune_auto_searches_ensembles_and_reports(tiny_backbone, sentiment_d
     again = json.loads((folder / "auto" / "auto.json").read_text())
     assert len(json.loads((folder / "report" / "trials.json").read_text())) == len(trials)
     assert again["earlier_runs_seconds"] > 0 and again["best_single"]["trial"] == single["trial"]
+    # the ensemble scores the best trial first and as many more as the budget allows; the rest are named
+    kept = [ensemble["candidates"] + len(ensemble.get("left_out", [])) for ensemble in (bag, again["ensemble"])]
+    assert bag["candidates"] >= 1 and again["ensemble"]["candidates"] >= 1 and kept[0] == kept[1] <= 6
 
 
 def test_finetune_auto_refuses_a_bad_budget_before_training(tiny_backbone, sentiment_dir, tmp_path, capsys):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import pytest
 import torch
@@ -127,6 +128,16 @@ def test_greedy_selection_is_at_least_as_good_as_the_best_member_on_validation(r
     assert trace[0]["validation"]["accuracy"] == best_single  # the first pick is the best single member
     # weights are picks / bag size, for a bag of at most 3 picks
     assert any(all(abs(w * k - round(w * k)) < 1e-9 for w in weights.tolist()) for k in (1, 2, 3))
+
+
+def test_a_deadline_scores_the_first_member_and_leaves_out_what_would_pass_it(runs):
+    members = load_members([runs["good"], runs["weak"], runs["other"]])
+    late = Pool(members, members[0].run.recipe, deadline=time.monotonic() - 1)
+    assert [m.name for m in late.members] == [members[0].name] and late.outputs["test"].shape[0] == 1
+    assert late.left_out == [members[1].name, members[2].name]
+    roomy = Pool(members, members[0].run.recipe, deadline=time.monotonic() + 3600)
+    assert len(roomy.members) == 3 and roomy.left_out == []
+    assert torch.equal(roomy.outputs["test"][0], late.outputs["test"][0])
 
 
 def test_members_with_different_backbones_and_tokenizers_combine(runs):

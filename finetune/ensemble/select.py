@@ -4,6 +4,7 @@ computed once), validation weights, greedy selection, and the report with its ma
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,26 +57,40 @@ class Pool:
     """Candidate members with their outputs on each split, computed once; every combination is then
     scored in memory (greedy selection tries many)."""
 
-    def __init__(self, members: list[Member], recipe: RecipeConfig, batch_size: int = 64):
+    def __init__(self, members: list[Member], recipe: RecipeConfig, batch_size: int = 64,
+                 deadline: float | None = None):
+        """Score every member on validation and test, in the order given. With ``deadline`` (a
+        ``time.monotonic()``), a member whose scoring would end past it, judged by the slowest member so far,
+        is left out with the rest (``self.left_out``); the first member is always scored."""
         from finetune.metrics import MetricSuite
 
-        self.members, self.recipe = members, recipe
+        self.recipe = recipe
         self.labels = shared_labels(members)
         self.task = TASKS[members[0].run.recipe.task]
         self.primary = recipe.eval.primary
         names = [m for m in recipe.eval.metrics if not self.task.classes or m != "accuracy"]
         self.suite = MetricSuite((["accuracy"] if self.task.classes else []) + names)
         self.splits = load_eval_data(recipe, self.labels)
-        self.outputs: dict[str, torch.Tensor] = {}
-        for split, data in self.splits.items():
-            log.info("%s: %d rows, %d members", split, len(data.texts), len(members))
-            by_path: dict[Path, torch.Tensor] = {}  # a member listed twice is computed once
-            for member in members:
-                key = member.path.resolve()
-                if key not in by_path:
-                    by_path[key] = member_outputs(member, data.texts, data.pairs, self.labels, batch_size,
-                                                  f"{member.name} {split}")
-            self.outputs[split] = torch.stack([by_path[m.path.resolve()] for m in members])
+        log.info("scoring %d members on %s", len(members),
+                 ", ".join(f"{split} ({len(data.texts)} rows)" for split, data in self.splits.items()))
+        by_path: dict[Path, dict[str, torch.Tensor]] = {}  # a member listed twice is computed once
+        slowest, self.left_out = 0.0, []
+        for i, member in enumerate(members):
+            key = member.path.resolve()
+            if key in by_path:
+                continue
+            if deadline is not None and i > 0 and time.monotonic() + slowest > deadline:
+                self.left_out = [m.name for m in members[i:] if m.path.resolve() not in by_path]
+                log.warning("%d of %d members left out: scoring them would pass the deadline", len(self.left_out),
+                            len(members))
+                break
+            started = time.monotonic()
+            by_path[key] = {split: member_outputs(member, data.texts, data.pairs, self.labels, batch_size,
+                                                  f"{member.name} {split}") for split, data in self.splits.items()}
+            slowest = max(slowest, time.monotonic() - started)
+        self.members = [m for m in members if m.path.resolve() in by_path]
+        self.outputs: dict[str, torch.Tensor] = {
+            split: torch.stack([by_path[m.path.resolve()][split] for m in self.members]) for split in self.splits}
 
     def scores(self, weights: torch.Tensor, method: str, split: str) -> dict[str, float]:
         """Metrics of the combination on one split, plus ``loss`` (cross-entropy of the averaged

@@ -8,9 +8,10 @@
 
 The search (``sweep.preset: auto``, see finetune.sweep.preset) gets 90 % of the budget, counted over every
 run of the sweep folder, so a killed job resumes with what is left; its last trial stops training at the
-end of its share. The rest goes to the ensemble: every kept trial's model is scored once on validation
-and test, greedy forward selection (with replacement) on validation picks the bag, and test, which chose
-nothing, reports both the best single model (the best validation trial) and the bag.
+end of its share. The rest goes to the ensemble: the kept trials' models are scored once on validation
+and test, best first and as many as fit in what is left of the budget; greedy forward selection (with
+replacement) on validation picks the bag, and test, which chose nothing, reports both the best single
+model (the best validation trial) and the bag.
 """
 
 from __future__ import annotations
@@ -65,7 +66,9 @@ def run_auto(recipe: RecipeConfig, cfg: SweepConfig) -> AutoResult:
         raise RecipeError(f"finetune auto: no trial finished within the budget ({cfg.budget:.0f} s); nothing to "
                           f"report. Give a larger --budget (the trials are in {result.sweep_dir})")
     started = time.monotonic()
-    summary, ensemble_dir = _ensemble(result)
+    # what is left of the budget, less a little for writing the ensemble and the report
+    deadline = began + cfg.budget - result.spent_before - min(60.0, 0.02 * cfg.budget)
+    summary, ensemble_dir = _ensemble(result, deadline)
     phases["ensemble"] = time.monotonic() - started
     summary.update(budget_seconds=cfg.budget, phases_seconds={k: round(v, 1) for k, v in phases.items()},
                    earlier_runs_seconds=round(result.spent_before, 1))
@@ -80,9 +83,9 @@ def run_auto(recipe: RecipeConfig, cfg: SweepConfig) -> AutoResult:
     return AutoResult(result, summary, ensemble_dir, out / "report.md")
 
 
-def _ensemble(result: SweepResult) -> tuple[dict, Path | None]:
-    """Score the kept trials, pick a greedy bag on validation, save it; the best single model and the bag on
-    test. A task ensembles cannot combine (token tags, multi-label) reports the best single model only."""
+def _ensemble(result: SweepResult, deadline: float) -> tuple[dict, Path | None]:
+    """Score the kept trials (best first, as many as fit before ``deadline``), pick a greedy bag on validation,
+    save it; the best single model and the bag on test. A task ensembles cannot combine (token tags, multi-label) reports the best single model only."""
     from finetune.ensemble.artefact import Ensemble
     from finetune.ensemble.command import sweep_candidates
     from finetune.ensemble.members import load_members
@@ -99,19 +102,21 @@ def _ensemble(result: SweepResult) -> tuple[dict, Path | None]:
                                if best_recipe is not None else "the best trial's model is in another sweep folder"}
         return summary, None
     chosen = sweep_candidates(result.sweep_dir, 1, everything=True)  # every kept model, best validation first
+    # the study's best trial first (on a tie of values the ranking may put another first): it is always scored
+    chosen.sort(key=lambda candidate: candidate[1] != f"trial {result.best_trial}")
     members = load_members([p for p, _ in chosen], [n for _, n in chosen], "auto")
-    pool = Pool(members, best_recipe)
-    metric = pool.primary
+    pool = Pool(members, best_recipe, deadline=deadline)
+    members, metric = pool.members, pool.primary
     weights, selection = pool.greedy("mean", min(GREEDY_PICKS, 2 * len(members)))
     report = pool.report(weights, "mean", selection)
-    # the study's best trial (on a tie of values, the ranking above may put another first)
-    best = next((i for i, m in enumerate(members) if m.name == f"trial {result.best_trial}"), 0)
+    best = 0
     single = pool.one_hot(best)
     summary["best_single"].update(name=members[best].name, path=str(members[best].path),
                                   **{f"{split}_metrics": report["members"][best].get(split) for split in pool.splits})
     summary["ensemble"] = {"members": [{"name": m["name"], "weight": m["weight"]} for m in report["members"]
                                        if m["weight"] > 0],
                            "candidates": len(members),
+                           **({"left_out": pool.left_out} if pool.left_out else {}),
                            **{f"{split}_metrics": report["ensemble"][split] for split in pool.splits}}
     if "test" in pool.splits:
         summary["best_single"]["test_ci95"] = bootstrap_ci(pool, single, metric)
@@ -241,6 +246,8 @@ def markdown(summary: dict, result: SweepResult) -> str:
                      f"{_score(bag.get('test_metrics'), metric, bag.get('test_ci95'))} |")
         lines += ["", f"Ensemble members (weight = share of the greedy picks), chosen on validation among "
                       f"{bag['candidates']} kept trials: {members}."]
+        if bag.get("left_out"):
+            lines.append(f"Left out, as scoring them would have passed the budget: {', '.join(bag['left_out'])}.")
         if "mcnemar_vs_single" in bag:
             m = bag["mcnemar_vs_single"]
             lines.append(f"On test, {m['only_ensemble']} rows only the ensemble gets right, {m['only_single']} only "
