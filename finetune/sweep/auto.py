@@ -85,7 +85,8 @@ def run_auto(recipe: RecipeConfig, cfg: SweepConfig) -> AutoResult:
 
 def _ensemble(result: SweepResult, deadline: float) -> tuple[dict, Path | None]:
     """Score the kept trials (best first, as many as fit before ``deadline``), pick a greedy bag on validation,
-    save it; the best single model and the bag on test. A task ensembles cannot combine (token tags, multi-label) reports the best single model only."""
+    save it; the best single model and the bag on test. A task ensembles cannot combine (token tags,
+    multi-label) reports the best single model only."""
     from finetune.ensemble.artefact import Ensemble
     from finetune.ensemble.command import sweep_candidates
     from finetune.ensemble.members import load_members
@@ -109,10 +110,9 @@ def _ensemble(result: SweepResult, deadline: float) -> tuple[dict, Path | None]:
     members, metric = pool.members, pool.primary
     weights, selection = pool.greedy("mean", min(GREEDY_PICKS, 2 * len(members)))
     report = pool.report(weights, "mean", selection)
-    best = 0
-    single = pool.one_hot(best)
-    summary["best_single"].update(name=members[best].name, path=str(members[best].path),
-                                  **{f"{split}_metrics": report["members"][best].get(split) for split in pool.splits})
+    single = pool.one_hot(0)  # the study's best trial, sorted first above
+    summary["best_single"].update(name=members[0].name, path=str(members[0].path),
+                                  **{f"{split}_metrics": report["members"][0].get(split) for split in pool.splits})
     summary["ensemble"] = {"members": [{"name": m["name"], "weight": m["weight"]} for m in report["members"]
                                        if m["weight"] > 0],
                            "candidates": len(members),
