@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 
+import optuna
 import pytest
 from conftest import tiny_recipe
 
@@ -15,6 +16,7 @@ from finetune.ensemble.artefact import Ensemble
 from finetune.run import train_run
 from finetune.sweep import parse_sweep
 from finetune.sweep.preset import recipe_first, resolve
+from finetune.sweep.runner import RUN_SPAN, spent_seconds
 from finetune.sweep.space import to_overrides
 
 AUTO_TRAIN = {"epochs": 3, "eval_every": 2, "batch_size": 32, "lr": 1e-4}
@@ -109,14 +111,26 @@ def test_budget_ends_the_search_and_a_rerun_counts_what_was_spent(tiny_backbone,
     began = time.monotonic()
     result = recipe.sweep({"train.lr": {"loguniform": [1e-3, 1e-2]}}, method="random", n_trials=50, budget=12,
                           dir=str(tmp_path / "b"))
-    seconds = [row["seconds"] for row in result.trials]
-    assert sum(seconds) <= 12 + 6 and time.monotonic() - began < 12 + 30
+    seconds, first_run = [row["seconds"] for row in result.trials], time.monotonic() - began
+    assert sum(seconds) <= 12 + 6 and first_run < 12 + 30
     assert any(row.get("stopped_at_deadline") for row in result.trials)  # the last one was cut, not let run
     assert "sweep.budget ran out" in (result.sweep_dir / "report" / "report.md").read_text()
     again = recipe.sweep({"train.lr": {"loguniform": [1e-3, 1e-2]}}, method="random", n_trials=50, budget=12,
                          dir=str(tmp_path / "b"))
-    assert again.spent_before == pytest.approx(sum(seconds), abs=0.5)
+    # spent: the first run's wall time, which holds its trials' seconds and the time between them
+    assert sum(seconds) - 0.5 <= again.spent_before <= first_run + 0.5
     assert len(again.trials) == len(result.trials)  # nothing left: no new trial
+
+
+def test_spent_time_merges_overlapping_runs_and_counts_trials_from_before_runs_were_recorded():
+    study = optuna.create_study()
+    for _ in range(2):  # trials that finished before runs were recorded: their own seconds count
+        study.add_trial(optuna.trial.create_trial(value=1.0, user_attrs={"seconds": 40.0}))
+    now = time.time() + 100  # the recorded runs began after those trials
+    study.set_user_attr(f"{RUN_SPAN}a", [now, now + 30])
+    study.set_user_attr(f"{RUN_SPAN}b", [now + 20, now + 50])  # a second worker, overlapping the first
+    study.set_user_attr(f"{RUN_SPAN}c", [now + 100, now + 110])  # a later resume
+    assert spent_seconds(study) == pytest.approx(50 + 10 + 40 + 40)
 
 
 def test_finetune_auto_searches_ensembles_and_reports(tiny_backbone, sentiment_dir, tmp_path, capsys):

@@ -26,6 +26,7 @@ import shlex
 import socket
 import statistics
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,7 @@ class SweepResult:
     note: str | None = None
     """Set when the study's best trial ran elsewhere: where it ran, and what best/ here holds instead."""
     spent_before: float = 0.0
-    """Seconds the study's trials had taken before this run (what sweep.budget counted as spent)."""
+    """Wall seconds earlier runs of this sweep had taken (what sweep.budget counted as spent)."""
     recipe_class: type[RecipeConfig] = field(default=RecipeConfig, repr=False)
     """The swept recipe's class: ``best_recipe`` is one too (``finetune.Recipe`` can ``run()``)."""
 
@@ -118,7 +119,7 @@ class Sweep:
         self.study: optuna.Study | None = None
         self.trial: optuna.Trial | None = None  # the main process's current trial (other ranks get its overrides)
         self.deadline: float | None = None  # sweep.budget: the time.monotonic() at which the search ends
-        self.spent_before = 0.0  # seconds the study's trials took before this run
+        self.spent_before = 0.0  # wall seconds earlier runs of this sweep took
 
     # --- the loop ---------------------------------------------------------------
 
@@ -130,25 +131,32 @@ class Sweep:
         started = time.monotonic()
         if self.state.is_main_process:
             self.spent_before = spent_seconds(self.study)
+            span = RunSpan(self.study)  # this run's wall time, for the budget of later runs
         if self.cfg.budget and self.state.is_main_process:
             spent = self.spent_before
             self.deadline = started + self.cfg.budget - spent
             log.info("budget %.0f s: %.0f s spent by earlier runs of this sweep, %.0f s left", self.cfg.budget, spent,
                      max(0.0, self.cfg.budget - spent))
-        with sharing():  # the trials of this process read the backbone and tokenise the data once
-            while True:
-                message = [None]
-                if self.state.is_main_process:
-                    message[0] = self._next_trial(started)
-                    if message[0] == "wait":  # other workers' trials are running: wait for them or their death
-                        time.sleep(self.cfg.heartbeat_seconds)
-                        continue
-                if self.state.num_processes > 1:
-                    broadcast_object_list(message)
-                if message[0] is None:
-                    break
-                left = message[0].pop("seconds_left")  # each process turns it into a deadline on its own clock
-                self._run_trial(**message[0], deadline=None if left is None else time.monotonic() + left)
+        try:
+            with sharing():  # the trials of this process read the backbone and tokenise the data once
+                while True:
+                    message = [None]
+                    if self.state.is_main_process:
+                        message[0] = self._next_trial(started)
+                        if message[0] == "wait":  # other workers' trials are running: wait for them or their death
+                            time.sleep(self.cfg.heartbeat_seconds)
+                            continue
+                    if self.state.num_processes > 1:
+                        broadcast_object_list(message)
+                    if message[0] is None:
+                        break
+                    left = message[0].pop("seconds_left")  # each process turns it into a deadline on its own clock
+                    self._run_trial(**message[0], deadline=None if left is None else time.monotonic() + left)
+                    if self.state.is_main_process:
+                        span.mark()
+        finally:
+            if self.state.is_main_process:
+                span.mark()  # an interrupted run's time is spent too
         if not self.state.is_main_process:
             return SweepResult(self.sweep_dir, self.study_name, self.metric, self.direction,
                                recipe_class=type(self.recipe))
@@ -415,10 +423,39 @@ class Sweep:
 
 # --- helpers --------------------------------------------------------------------------
 
+RUN_SPAN = "run_span:"  # study attribute prefix: one run's [first, last] wall-clock time.time()
+
+
+class RunSpan:
+    """One run of a sweep, recorded in its study as [started, last seen] in wall-clock seconds.
+
+    sweep.budget counts these spans, not the trials' own seconds: the time between trials (sampling, loading,
+    bookkeeping) is spent too, and a resumed run must not start a trial the first run had no time left for.
+    """
+
+    def __init__(self, study: optuna.Study):
+        self.study, self.key, self.started = study, f"{RUN_SPAN}{uuid.uuid4().hex[:12]}", time.time()
+        self.mark()
+
+    def mark(self) -> None:
+        self.study.set_user_attr(self.key, [self.started, time.time()])
+
+
 def spent_seconds(study: optuna.Study) -> float:
-    """Wall time this sweep's finished trials took, over all its runs (what sweep.budget counts)."""
-    return sum(t.user_attrs.get("seconds", 0.0) for t in own_trials(study, (
-        TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)) if t.user_attrs.get("duplicate_of") is None)
+    """Wall time the earlier runs of this sweep took (what sweep.budget counts as spent).
+
+    The union of the runs' spans (parallel workers overlap, so their spans are merged, not added), plus the
+    seconds of trials that finished before the first recorded span (studies from before spans were kept).
+    """
+    spans = sorted(tuple(v) for k, v in study.user_attrs.items() if k.startswith(RUN_SPAN))
+    covered, end = 0.0, float("-inf")
+    for first, last in spans:
+        covered += max(0.0, last - max(first, end))
+        end = max(end, last)
+    since = spans[0][0] if spans else float("inf")
+    return covered + sum(t.user_attrs.get("seconds", 0.0) for t in own_trials(study, (
+        TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
+        if t.user_attrs.get("duplicate_of") is None and t.datetime_start and t.datetime_start.timestamp() < since)
 
 
 def shortest_trial(study: optuna.Study) -> float | None:
