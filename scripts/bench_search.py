@@ -130,7 +130,7 @@ def run_auto_child(seed: int, budget: float, data: Path, work: Path, out: Path) 
 
     folder = work / "sweeps" / f"auto-seed{seed}"
     shutil.rmtree(folder, ignore_errors=True)  # a fresh job: a resumed one would count an earlier try's time
-    cfg = parse_sweep({"budget": budget, "seed": seed, "dir": str(folder)})
+    cfg = parse_sweep({"preset": "auto", "budget": budget, "seed": seed, "dir": str(folder)})
     result = run_auto(bench_recipe("auto", seed, data), cfg)
     summary = result.summary
     single, bag = summary["best_single"], summary["ensemble"]
@@ -467,7 +467,7 @@ def main() -> int:
     results = [json.loads(p.read_text()) for p in sorted(raw_dir.glob("*.json"))]
     if not results:
         print("nothing measured yet")
-        return 0
+        return 1 if not args.report and failed else 0
     budget = results[0]["budget_s"]
     rows = curves(results, budget)
     with open(out_dir / "curves.csv", "w", newline="") as f:
