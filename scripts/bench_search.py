@@ -63,8 +63,8 @@ def sweep_section(method: str, seed: int, budget: float, folder: Path) -> dict:
     sampler = {"grid": "grid", "random": "random", "gp": "gp"}.get(method, "bayes")
     pruner = {"tpe_median": {"kind": "median", "compare": "budget", "startup_trials": 3},
               "tpe_hyperband": {"kind": "hyperband", "reduction_factor": 3}}.get(method, {"kind": "none"})
-    # 3-15 trials fit in the budget (machines differ): the default start-up (a quarter of n_trials, at most 10) would leave TPE and
-    # GP no trial to model, so they model after 4 random ones
+    # 3-15 trials fit in the budget (machines differ): the default start-up (a quarter of n_trials, at most
+    # 10) would leave TPE and GP no trial to model, so they model after 4 random ones
     guided = {"startup_trials": 4} if sampler in ("bayes", "gp") else {}
     return {"method": sampler, "seed": seed, "timeout": budget, "n_trials": 200 if method != "grid" else None, **guided,
             "parameters": {"train.lr": lr, "train.epochs": epochs, "train.warmup_ratio": {"choice": [0.0, 0.1]},
