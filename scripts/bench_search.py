@@ -198,7 +198,7 @@ def curves_by_trial(results: list[dict], budget: float) -> list[dict]:
         if r["tool"] not in OURS and r["tool"] != "trainer_hpo":
             continue
         best = None
-        done = sorted((t for t in r["trials"] if t["finished_t"] <= budget), key=lambda t: t["finished_t"])
+        done = sorted(within(r, budget), key=lambda t: t["finished_t"])
         for n, trial in enumerate(done, 1):
             if trial["validation"] is not None and (best is None or trial["validation"] > best["validation"]):
                 best = trial
@@ -206,6 +206,11 @@ def curves_by_trial(results: list[dict], budget: float) -> list[dict]:
                          "validation": best["validation"] if best else None,
                          "test": best.get("test") if best else None})
     return rows
+
+
+def within(run: dict, budget: float) -> list[dict]:
+    """A run's trials that finished within the budget."""
+    return [t for t in run["trials"] if t["finished_t"] <= budget]
 
 
 def time_to(trials: list[dict], target: float) -> float | None:
@@ -243,8 +248,8 @@ def summarise(results: list[dict], budget: float, info: dict, command: str) -> s
         if not runs:
             continue
         picks = [chosen_at(r["trials"], budget) for r in runs]
-        finished = statistics.mean(sum(1 for t in r["trials"] if t["finished_t"] <= budget) for r in runs)
-        times = [time_to([t for t in r["trials"] if t["finished_t"] <= budget], target[r["seed"]])
+        finished = statistics.mean(len(within(r, budget)) for r in runs)
+        times = [time_to(within(r, budget), target[r["seed"]])
                  if r["seed"] in target else None for r in runs]
         reached = [t for t in times if t is not None]
         shown_time = f"{statistics.mean(reached):.0f} s ({len(reached)}/{len(runs)})" if reached else \
@@ -263,12 +268,10 @@ def summarise(results: list[dict], budget: float, info: dict, command: str) -> s
         test = mean_sd([p["test"] if p else None for p in picks])
         wall = statistics.mean(r["total_seconds"] for r in runs)
         lines.append(f"| {tool} | {len(runs)} | {finished:.1f} | {validation} | {test} | {shown_time} | {wall:.0f} |")
-    for r in by_tool.get(AUTO, []):
-        r["trials_within"] = [t for t in r["trials"] if t["finished_t"] <= budget]
     if by_tool.get(AUTO):
         runs = by_tool[AUTO]
-        finished = statistics.mean(len(r["trials_within"]) for r in runs)
-        times = [time_to(r["trials_within"], target[r["seed"]]) if r["seed"] in target else None for r in runs]
+        finished = statistics.mean(len(within(r, budget)) for r in runs)
+        times = [time_to(within(r, budget), target[r["seed"]]) if r["seed"] in target else None for r in runs]
         reached = [t for t in times if t is not None]
         shown_time = f"{statistics.mean(reached):.0f} s ({len(reached)}/{len(runs)})" if reached else \
             f"not reached (0/{len(runs)})"
@@ -319,12 +322,9 @@ def targets(by_tool: dict[str, list[dict]], budget: float, target: dict[int, flo
     are noisy here): time to grid's best − 0.5 pt over grid's (target ≤ 0.33), time until the model handed
     over scores Trainer HPO's test accuracy over Trainer HPO's time with its retrain (≤ 0.5), and test
     accuracy at the budget minus AutoGluon's (> 0)."""
-    def within(r: dict) -> list[dict]:
-        return [t for t in r["trials"] if t["finished_t"] <= budget]
-
     def first_test_at_least(r: dict, bar: float) -> float | None:
-        for t in sorted(within(r), key=lambda t: t["finished_t"]):
-            pick = chosen_at(within(r), t["finished_t"])  # validation picks; test only measures
+        for t in sorted(within(r, budget), key=lambda t: t["finished_t"]):
+            pick = chosen_at(within(r, budget), t["finished_t"])  # validation picks; test only measures
             if pick and pick.get("test") is not None and pick["test"] >= bar:
                 return t["finished_t"]
         return None
@@ -340,8 +340,8 @@ def targets(by_tool: dict[str, list[dict]], budget: float, target: dict[int, flo
         for seed, r in sorted(seeds.get(tool, {}).items()):
             grid_run = seeds.get("grid", {}).get(seed)
             bar = target.get(seed)
-            mine = time_to(within(r), bar) if bar is not None else None
-            grid = time_to(within(grid_run), bar) if grid_run and bar is not None else None
+            mine = time_to(within(r, budget), bar) if bar is not None else None
+            grid = time_to(within(grid_run, budget), bar) if grid_run and bar is not None else None
             first = "never" if mine is None else f"{mine:.0f}" + (f" ({mine / grid:.2f})" if grid else "")
             met[tool][0] += bool(mine is not None and grid and mine / grid <= 1 / 3)
             hpo = seeds.get("trainer_hpo", {}).get(seed)
@@ -350,7 +350,7 @@ def targets(by_tool: dict[str, list[dict]], budget: float, target: dict[int, flo
                 t = first_test_at_least(r, hpo["test_accuracy"])
                 second = "never" if t is None else f"{t:.0f} ({t / hpo['total_seconds']:.2f})"
                 met[tool][1] += bool(t is not None and t / hpo["total_seconds"] <= 0.5)
-            ag, pick = seeds.get("autogluon", {}).get(seed), chosen_at(within(r), budget)
+            ag, pick = seeds.get("autogluon", {}).get(seed), chosen_at(within(r, budget), budget)
             third = f"{100 * (pick['test'] - ag['test_accuracy']):+.2f} pt" \
                 if ag and pick and pick.get("test") is not None else "-"
             met[tool][2] += bool(ag and pick and pick.get("test") is not None and pick["test"] > ag["test_accuracy"])
@@ -358,8 +358,8 @@ def targets(by_tool: dict[str, list[dict]], budget: float, target: dict[int, flo
     for seed, r in sorted(seeds.get(AUTO, {}).items()):
         met.setdefault(AUTO, [0, 0, 0, 0])[3] += 1
         grid_run, bar = seeds.get("grid", {}).get(seed), target.get(seed)
-        mine = time_to([t for t in r["trials"] if t["finished_t"] <= budget], bar) if bar is not None else None
-        grid = time_to(within(grid_run), bar) if grid_run and bar is not None else None
+        mine = time_to(within(r, budget), bar) if bar is not None else None
+        grid = time_to(within(grid_run, budget), bar) if grid_run and bar is not None else None
         first = "never" if mine is None else f"{mine:.0f}" + (f" ({mine / grid:.2f})" if grid else "")
         met[AUTO][0] += bool(mine is not None and grid and mine / grid <= 1 / 3)
         hpo, second = seeds.get("trainer_hpo", {}).get(seed), "-"
