@@ -1,6 +1,11 @@
 """Device exploration (not part of the repo): which distillation setting brings a 3-layer student within 0.5 pt."""
-import json, os, subprocess, sys, time
+import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
+
 import torch
 from safetensors.torch import load_file, save_file
 
