@@ -18,6 +18,7 @@ from finetune.sweep import parse_sweep
 from finetune.sweep.preset import recipe_first, resolve
 from finetune.sweep.runner import RUN_SPAN, spent_seconds
 from finetune.sweep.space import to_overrides
+from finetune.sweep.study import HEARTBEAT
 
 AUTO_TRAIN = {"epochs": 3, "eval_every": 2, "batch_size": 32, "lr": 1e-4}
 
@@ -131,6 +132,21 @@ def test_spent_time_merges_overlapping_runs_and_counts_trials_from_before_runs_w
     study.set_user_attr(f"{RUN_SPAN}b", [now + 20, now + 50])  # a second worker, overlapping the first
     study.set_user_attr(f"{RUN_SPAN}c", [now + 100, now + 110])  # a later resume
     assert spent_seconds(study) == pytest.approx(50 + 10 + 40 + 40)
+
+
+def test_spent_time_counts_a_killed_workers_trial_up_to_its_last_heartbeat():
+    study = optuna.create_study()
+    now = time.time()
+    study.set_user_attr(f"{RUN_SPAN}a", [now - 100, now - 60])  # the run, marked when its last trial ended
+    trial = study.ask()  # the next trial: its worker was killed after this heartbeat, before marking the span
+    study._storage.set_trial_system_attr(trial._trial_id, HEARTBEAT, trial_start(study) + 40)
+    assert spent_seconds(study) == pytest.approx(40 + 40, abs=0.01)
+    study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)  # as recover_stale does
+    assert spent_seconds(study) == pytest.approx(40 + 40, abs=0.01)
+
+
+def trial_start(study: optuna.Study) -> float:
+    return study.get_trials(deepcopy=False)[-1].datetime_start.timestamp()
 
 
 def test_finetune_auto_searches_ensembles_and_reports(tiny_backbone, sentiment_dir, tmp_path, capsys):

@@ -444,15 +444,19 @@ class RunSpan:
 def spent_seconds(study: optuna.Study) -> float:
     """Wall time the earlier runs of this sweep took (what sweep.budget counts as spent).
 
-    The union of the runs' spans (parallel workers overlap, so their spans are merged, not added), plus the
-    seconds of trials that finished before the first recorded span (studies from before spans were kept).
+    The union of the runs' spans (parallel workers overlap, so their spans are merged, not added) and of each
+    trial's time from its start to its last heartbeat (a worker killed mid-trial last marked its span when its
+    previous trial ended), plus the seconds of trials that finished before the first recorded span (studies
+    from before spans were kept).
     """
-    spans = sorted(tuple(v) for k, v in study.user_attrs.items() if k.startswith(RUN_SPAN))
+    spans = [tuple(v) for k, v in study.user_attrs.items() if k.startswith(RUN_SPAN)]
+    since = min((first for first, _ in spans), default=float("inf"))
+    beats = [(t.datetime_start.timestamp(), t.system_attrs[studies.HEARTBEAT]) for t in own_trials(study)
+             if t.datetime_start and t.datetime_start.timestamp() >= since and studies.HEARTBEAT in t.system_attrs]
     covered, end = 0.0, float("-inf")
-    for first, last in spans:
+    for first, last in sorted(spans + beats):
         covered += max(0.0, last - max(first, end))
         end = max(end, last)
-    since = spans[0][0] if spans else float("inf")
     return covered + sum(t.user_attrs.get("seconds", 0.0) for t in own_trials(study, (
         TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
         if t.user_attrs.get("duplicate_of") is None and t.datetime_start and t.datetime_start.timestamp() < since)
