@@ -232,8 +232,8 @@ def summarise(results: list[dict], budget: float, info: dict, command: str) -> s
         by_tool.setdefault(r["tool"], []).append(r)
     # each seed's threshold is its own grid's best validation within the budget, less 0.5 pt
     target = {r["seed"]: best - 0.005 for r in by_tool.get("grid", [])
-              if (best := max((t["validation"] for t in r["trials"] if t["validation"] is not None
-                               and t["finished_t"] <= budget), default=None)) is not None}
+              if (best := max((t["validation"] for t in within(r, budget) if t["validation"] is not None),
+                              default=None)) is not None}
     grid_time = None
     lines = ["# Search methods on SST-2: the better model for the CPU time", "",
              f"Command: `{command}` ({info['date']})  ",
