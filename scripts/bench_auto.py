@@ -3,7 +3,8 @@
     python scripts/bench_auto.py --recipe trec_minilm_full --budget 25m
     python scripts/bench_auto.py --recipe agnews_minilm_lora --budget 25m --seed 1
 
-1. The shipped recipe, trained as shipped, scored on its test split (wall time measured).
+1. The shipped recipe, trained as shipped, scored on its test split (wall time measured). --seed S > 0 moves
+   train.seed by S on both sides (and seeds auto's sampler), so repeats vary the shipped model too.
 2. ``finetune auto`` on the same recipe (search + greedy ensemble within --budget), its best single model
    and its ensemble scored on the same test split, each with a 95 % bootstrap interval.
 
@@ -29,10 +30,16 @@ sys.path.insert(0, str(REPO))  # first: scripts/finetune.py must not shadow the 
 from bench_recipes import machine  # noqa: E402
 
 
-def shipped(name: str, work: Path) -> dict:
+def seeded(name: str, seed: int, *overrides: str):
+    """The shipped recipe with train.seed moved by --seed (seed 0: as shipped), so both sides vary with it."""
     import recipes
 
-    recipe = recipes.load(name, f"output.dir={work / 'shipped'}")
+    recipe = recipes.load(name, *overrides)
+    return recipes.load(name, *overrides, f"train.seed={recipe.train.seed + seed}") if seed else recipe
+
+
+def shipped(name: str, seed: int, work: Path) -> dict:
+    recipe = seeded(name, seed, f"output.dir={work / 'shipped'}")
     started = time.perf_counter()
     result = recipe.run(overwrite=True)
     return {"seconds": round(time.perf_counter() - started, 1), "metric": recipe.eval.primary,
@@ -40,9 +47,7 @@ def shipped(name: str, work: Path) -> dict:
 
 
 def auto(name: str, budget: str, seed: int, work: Path) -> dict:
-    import recipes
-
-    recipe = recipes.load(name)
+    recipe = seeded(name, seed)
     folder = work / "auto"
     if folder.exists():
         shutil.rmtree(folder)  # a benchmark measures one fresh job, not a resumed one
@@ -101,7 +106,7 @@ def main() -> None:
     results = {"recipe": args.recipe, "budget": args.budget, "seed": args.seed,
                "command": "python " + " ".join(["scripts/bench_auto.py", *sys.argv[1:]]),
                "machine": {**machine(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}}
-    results["shipped"] = shipped(args.recipe, work)
+    results["shipped"] = shipped(args.recipe, args.seed, work)
     results["metric"] = results["shipped"]["metric"]
     print(json.dumps({"shipped": results["shipped"]}), flush=True)
     results["auto"] = auto(args.recipe, args.budget, args.seed, work)
