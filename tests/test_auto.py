@@ -4,6 +4,7 @@ counted across runs), one recipe key searched in ranges per condition, and Hyper
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import optuna
@@ -16,7 +17,7 @@ from finetune.ensemble.artefact import Ensemble
 from finetune.run import train_run
 from finetune.sweep import parse_sweep
 from finetune.sweep.preset import recipe_first, resolve
-from finetune.sweep.runner import RUN_SPAN, spent_seconds
+from finetune.sweep.budget import RUN_SPAN, fitted_schedule, spent_seconds
 from finetune.sweep.space import to_overrides
 from finetune.sweep.study import HEARTBEAT
 
@@ -39,6 +40,11 @@ def test_budget_reads_durations(text, seconds):
     ({"parameters": {"lr_a": {"loguniform": [1e-5, 1e-4], "key": "train.lr"},
                      "lr_b": {"loguniform": [1e-4, 1e-3], "key": "train.lr"}}}, "all set train.lr: give each a 'when'"),
     ({"parameters": {"lr": {"loguniform": [1e-5, 1e-4], "key": "train.lrr"}}}, "lr.key='train.lrr' is not a recipe key"),
+    ({"parameters": {"train.lr": [1e-3]}, "fill_budget": True}, "fill_budget: it needs a budget"),
+    ({"parameters": {"train.lr": [1e-3]}, "method": "grid", "budget": 60, "fill_budget": True},
+     "fill_budget: grid search trains each point as written"),
+    ({"parameters": {"train.epochs": {"uniform": [1, 3]}}, "budget": 60, "fill_budget": True},
+     "fill_budget: the space sets train.epochs"),
 ])
 def test_bad_auto_and_budget_settings_are_refused_clearly(raw, message):
     with pytest.raises(RecipeError, match=message):
@@ -56,6 +62,9 @@ def test_auto_preset_searches_policies_with_a_learning_rate_range_each(tiny_back
         spec = cfg.parameters[name]
         assert spec.key == "train.lr" and spec.when == {"policy": policy}
     assert cfg.parameters["train.scheduler"].choice == ["cosine"]  # the user's parameter replaces the preset's
+    assert cfg.fill_budget  # time too short for a whole trial goes to a shortened one ...
+    epochs = resolve(recipe, parse_sweep({"preset": "auto", "budget": 60, "parameters": {"train.epochs": [1, 2]}}))
+    assert epochs.fill_budget is False  # ... unless the user searches the schedule's length
     assert resolve(recipe, cfg) == cfg  # a resumed sweep (its sweep.yaml holds this) resolves to the same search
     # a trial samples one learning rate, under its own policy's name, and sets train.lr with it
     overrides = to_overrides({"policy": "policy.kind=full", "lr_full": 3e-5}, cfg.parameters)
@@ -143,6 +152,55 @@ def test_spent_time_counts_a_killed_workers_trial_up_to_its_last_heartbeat():
     assert spent_seconds(study) == pytest.approx(40 + 40, abs=0.01)
     study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)  # as recover_stale does
     assert spent_seconds(study) == pytest.approx(40 + 40, abs=0.01)
+
+
+def test_a_last_trial_is_fitted_to_the_time_left_by_the_slowest_timings():
+    study = optuna.create_study()
+    add_trial(study, seconds=70, train=55, evaluate=5, steps=120)  # 10 s fixed, 0.5 s a step
+    add_trial(study, seconds=50, train=25, evaluate=5, steps=120)  # 20 s fixed (a feature cache), 0.25 s a step
+    # timed by the worst of each, 20 s fixed and 0.5 s a step: what it plans ends in time whichever trial comes
+    assert fitted_schedule(study, 50) == (60, 120)
+    assert fitted_schedule(study, 40) == (40, 120)  # a third of the schedule: the least worth training
+    assert fitted_schedule(study, 39) is None
+    assert fitted_schedule(study, 90) is None  # 140 steps: a whole trial fits, nothing to shorten
+    assert fitted_schedule(study, 100, repeats=2) == (60, 120)  # each of the two runs gets half
+    assert fitted_schedule(optuna.create_study(), 50) is None  # nothing completed to time a trial by
+    cut = optuna.create_study()  # a trial the deadline stopped: its schedule, not its steps, is the full one
+    add_trial(cut, seconds=40, train=30, evaluate=0, steps=60, stopped_at_deadline={"step": 60, "of": 120})
+    assert fitted_schedule(cut, 55) == (90, 120)
+
+
+def add_trial(study: optuna.Study, seconds: float, train: float, evaluate: float, steps: int, **attrs) -> None:
+    study.add_trial(optuna.trial.create_trial(value=0.5, user_attrs={
+        "seconds": seconds, "train_seconds": train, "time_split": {"evaluate": evaluate}, "optimizer_steps": steps,
+        **attrs}))
+
+
+def test_time_too_short_for_a_whole_trial_goes_to_a_shortened_one(tiny_backbone, sentiment_dir, tmp_path,
+                                                                   monkeypatch):
+    """The runner's side of sweep.fill_budget (the fitting is timed above): the trial that gets the rest of the
+    budget trains the shortened schedule, and the record and the report say so."""
+    import finetune.sweep.runner as runner
+
+    whole = runner.shortest_trial  # after the first trial, no whole trial fits any more
+    monkeypatch.setattr(runner, "shortest_trial", lambda study: None if whole(study) is None else math.inf)
+    timed_by = []
+
+    def fitted(study, seconds, repeats):
+        timed_by.append([t.user_attrs["optimizer_steps"] for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))])
+        return (5, 24) if len(timed_by) == 1 else None
+
+    monkeypatch.setattr(runner, "fitted_schedule", fitted)
+    recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path, train={"epochs": 2, "eval_every": 2, "batch_size": 16})
+    result = recipe.sweep({"train.lr": {"loguniform": [1e-3, 1e-2]}}, method="random", n_trials=5, budget=600,
+                          fill_budget=True, dir=str(tmp_path / "fill"))
+    assert timed_by[0] == [24] and len(result.trials) == 2  # 2 epochs of 12 steps timed it; then nothing fitted
+    shortened = result.trials[1]
+    assert shortened["state"] == "COMPLETE" and shortened["overrides"].endswith("train.max_steps=5")
+    assert shortened["shortened"] == {"steps": 5, "of": 24}
+    metrics = json.loads((result.sweep_dir / "trials" / "0001" / "metrics.json").read_text())
+    assert metrics["optimizer_steps"] == 5
+    assert "sweep.fill_budget: a schedule of 5 of 24 steps" in (result.sweep_dir / "report" / "report.md").read_text()
 
 
 def trial_start(study: optuna.Study) -> float:

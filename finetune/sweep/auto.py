@@ -8,7 +8,8 @@
 
 The search (``sweep.preset: auto``, see finetune.sweep.preset) gets 90 % of the budget, counted over every
 run of the sweep folder, so a killed job resumes with what is left; its last trial stops training at the
-end of its share. The rest goes to the ensemble: the kept trials' models are scored once on validation
+end of its share, or, when less is left than a whole trial takes, trains a schedule shortened to fit
+(sweep.fill_budget). The rest goes to the ensemble: the kept trials' models are scored once on validation
 and test, best first and as many as fit in what is left of the budget; greedy forward selection (with
 replacement) on validation picks the bag, and test, which chose nothing, reports both the best single
 model (the best validation trial) and the bag.
@@ -176,6 +177,7 @@ def _trial_counts(rows: list[dict]) -> dict[str, int]:
     for row in rows:
         counts[row["state"].lower()] = counts.get(row["state"].lower(), 0) + 1
     counts["stopped_at_deadline"] = sum(bool(r.get("stopped_at_deadline")) for r in rows)
+    counts["shortened"] = sum(bool(r.get("shortened")) for r in rows)  # sweep.fill_budget's last trial
     return counts
 
 

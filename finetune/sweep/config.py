@@ -33,7 +33,7 @@ from finetune.config import (
 )
 from finetune.recipe_file import Origins
 from finetune.schema import error_key, error_problem
-from finetune.sweep.space import ParamSpec, grid_points
+from finetune.sweep.space import ParamSpec, covered_keys, grid_points
 
 Method = Literal["grid", "random", "bayes", "gp"]
 ARCHITECTURE_KEYS = ("backbone.", "head.", "prune.")  # recipe keys that can change what a trial's model computes
@@ -66,6 +66,9 @@ class PrunerConfig(Strict):
     """hyperband: keep 1 in this many trials at each rung."""
 
 
+SEARCHED_LENGTH = ("train.epochs", "train.max_steps")  # a space that sets these has no one full schedule
+
+
 class SweepConfig(Strict):
     method: Method = "bayes"
     """grid (every combination), random, bayes (multivariate TPE) or gp (Gaussian process)."""
@@ -84,8 +87,14 @@ class SweepConfig(Strict):
     budget: float | None = Field(default=None, gt=0)
     """Wall-clock seconds for the whole search (or "90m", "2h"), counted over every run of this sweep folder: a
     resumed sweep has what is left. A running trial stops training when it runs out (its best evaluation so
-    far is its result), and no trial starts with less left than the shortest trial so far took. With preset
-    auto it covers the ensemble too (the search gets 90 %)."""
+    far is its result), and no trial starts with less left than the shortest trial so far took (see
+    fill_budget). With preset auto it covers the ensemble too (the search gets 90 %)."""
+    fill_budget: bool | None = None
+    """With a budget: when less is left than the shortest trial took, give it to a trial on a schedule shortened
+    (train.max_steps) to end in time, if that is at least a third of the full schedule, rather than leave the
+    time idle. Its value comes from fewer steps than the others' (the report says so); it may join an ensemble
+    or, if validation says so, be the best. Default: on with preset auto, else off. Not with grid (each point is
+    trained as written) or a space that sets train.epochs or train.max_steps."""
     seed: int = 0
     """Seed of the sampler: the same seed proposes the same settings."""
     startup_trials: int | None = Field(default=None, ge=0)
@@ -152,6 +161,13 @@ class SweepConfig(Strict):
             raise ValueError("preset auto needs a budget: sweep.budget=2h (or seconds), or finetune auto --budget 2h")
         if not self.parameters and self.preset is None:
             raise ValueError("parameters: give at least one recipe key to search (or preset: auto)")
+        if self.fill_budget:
+            lengths = sorted(set(SEARCHED_LENGTH) & covered_keys(self.parameters))
+            why = ("it needs a budget (sweep.budget)" if self.budget is None else
+                   "grid search trains each point as written" if self.method == "grid" else
+                   f"the space sets {lengths[0]}, so no one schedule is the full one" if lengths else None)
+            if why:
+                raise ValueError(f"fill_budget: {why}; remove fill_budget (or set it false)")
         recipe_keys = set(known_keys())
         seen: list[str] = []
         for key, spec in self.parameters.items():

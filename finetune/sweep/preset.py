@@ -17,7 +17,8 @@ evaluations. Comparing trials of one schedule at the same step is fair; searchin
 pruning is not (a short schedule looks better early). TPE (multivariate, conditional) proposes after 5
 random trials; the very first trial is the recipe as written, when it lies in the space (a LoRA or frozen-layer
 recipe's own settings stand for that policy). A parameter given beside the preset replaces the preset's one
-of the same name.
+of the same name. When less is left than a whole trial takes, one more trial trains a schedule shortened to
+end in time (sweep.fill_budget), so short budgets are not left a quarter idle.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ import json
 import logging
 
 from finetune.config import RecipeConfig
-from finetune.sweep.config import PrunerConfig, SweepConfig
-from finetune.sweep.space import ParamSpec
+from finetune.sweep.config import SEARCHED_LENGTH, PrunerConfig, SweepConfig
+from finetune.sweep.space import ParamSpec, covered_keys
 
 log = logging.getLogger("finetune.sweep")
 
@@ -47,7 +48,9 @@ def resolve(recipe: RecipeConfig, cfg: SweepConfig) -> SweepConfig:
     update = {"parameters": parameters}
     defaults = {"method": "bayes", "startup_trials": STARTUP_TRIALS, "n_trials": MAX_TRIALS,
                 "keep_top_k": KEEP_TOP_K, "test": "none",  # the ensemble step scores the kept models on test
-                "pruner": PrunerConfig(kind="hyperband", reduction_factor=3)}
+                "pruner": PrunerConfig(kind="hyperband", reduction_factor=3),
+                # time too short for a whole trial goes to a shortened one, unless the user searches the length
+                "fill_budget": not set(SEARCHED_LENGTH) & covered_keys(parameters)}
     update.update({k: v for k, v in defaults.items() if k not in given})
     return SweepConfig.model_validate({**cfg.model_dump(exclude_unset=True), **{
         k: (v.model_dump(exclude_defaults=True) if isinstance(v, PrunerConfig) else v) for k, v in update.items()}})

@@ -51,7 +51,7 @@ def trial_rows(study: optuna.Study, metric: str) -> list[dict[str, Any]]:
                "ci95": attrs.get("ci95"), "values": attrs.get("values"), "retry_of": attrs.get("retry_of"),
                "model": attrs.get("model_dir"), "test": attrs.get("test"), "error": attrs.get("error"),
                "worker": attrs.get("worker"), "rss_mb": attrs.get("rss_mb"),
-               "stopped_at_deadline": attrs.get("stopped_at_deadline"),
+               "stopped_at_deadline": attrs.get("stopped_at_deadline"), "shortened": attrs.get("shortened"),
                "intermediate": {str(k): v for k, v in sorted(trial.intermediate_values.items())}}
         if trial.state == TrialState.PRUNED and trial.intermediate_values:  # older sweeps did not record it
             row["pruned_at_step"] = attrs.get("pruned_at_step", max(trial.intermediate_values))
@@ -166,6 +166,9 @@ def _markdown_table(rows: list[dict], metric: str) -> str:
         if r.get("stopped_at_deadline"):
             cut = r["stopped_at_deadline"]
             note = f"sweep.budget ran out: training stopped at step {cut['step']} of {cut['of']}"
+        elif r.get("shortened"):
+            cut = r["shortened"]
+            note = f"sweep.fill_budget: a schedule of {cut['steps']} of {cut['of']} steps, to end within the budget"
         lines.append(f"| {r['number']} | {r['state']} | {value} | {r['overrides']} | {r['best_step'] or ''} | "
                      f"{r['seconds'] or ''} | {note.replace('|', '/')[:120]} |")
     return "\n".join(lines)

@@ -26,7 +26,6 @@ import shlex
 import socket
 import statistics
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ from finetune.processes import command_logging, multi_process_without_accelerato
 from finetune.reuse import reuse, sharing
 from finetune.runs import remove_checkpoints, remove_model
 from finetune.sweep import study as studies
+from finetune.sweep.budget import RunSpan, after_training_seconds, fitted_schedule, shortest_trial, spent_seconds
 from finetune.sweep.config import SweepConfig
 from finetune.sweep.folder import SweepFolder, run_folders
 from finetune.sweep.space import format_override, suggest, to_overrides
@@ -219,12 +219,17 @@ class Sweep:
         if cfg.timeout and time.monotonic() - started > cfg.timeout:
             log.info("timeout of %.0f s reached; starting no new trial", cfg.timeout)
             return None
+        shortened = None  # (steps, of): the schedule of a last trial fitted into what is left of the budget
         if self.deadline is not None:
             left, shortest = self.deadline - time.monotonic(), shortest_trial(study)
             if left <= 0 or (shortest is not None and left < shortest):
-                log.info("budget: %.0f s left, less than the shortest trial so far (%s); starting no new trial",
-                         max(left, 0.0), "none" if shortest is None else f"{shortest:.0f} s")
-                return None
+                shortened = fitted_schedule(study, left, cfg.repeats) if cfg.fill_budget and left > 0 else None
+                if shortened is None:
+                    log.info("budget: %.0f s left, less than the shortest trial so far (%s); starting no new trial",
+                             max(left, 0.0), "none" if shortest is None else f"{shortest:.0f} s")
+                    return None
+                log.info("budget: %.0f s left, less than the shortest trial so far (%.0f s); one more trial on a "
+                         "schedule shortened to %d of %d steps (sweep.fill_budget)", left, shortest, *shortened)
         for number in studies.recover_stale(study, cfg.heartbeat_seconds, self.sweep_dir):
             log.info("trial %d: its worker stopped sending heartbeats; its settings are queued again", number)
         finished = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
@@ -250,6 +255,10 @@ class Sweep:
             log.info("trial %d: same settings as trial %d (%s); its result %.4f is reused, nothing trained",
                      trial.number, same.number, " ".join(overrides), same.value)
             return self._next_trial(started)
+        if shortened is not None:  # after the duplicate check: a reused whole trial is better than a shortened one
+            overrides = [*overrides, f"train.max_steps={shortened[0]}"]
+            trial.set_user_attr("overrides", overrides)
+            trial.set_user_attr("shortened", {"steps": shortened[0], "of": shortened[1]})
         self.trial = trial
         # the trial's training stops early enough for what comes after it (export, the model card, bookkeeping)
         left = None if self.deadline is None else self.deadline - time.monotonic() - after_training_seconds(study)
@@ -315,6 +324,7 @@ class Sweep:
             best = max(range(len(values)), key=lambda i: values[i] if self.direction == "maximize" else -values[i])
             attrs.update(best_step=results[best].best_step, test=results[best].metrics.get("test"),
                          train_seconds=round(sum(r.metrics["train_seconds"] for r in results), 1),
+                         optimizer_steps=sum(r.metrics["optimizer_steps"] for r in results),
                          model_dir=str(results[best].run_dir.relative_to(self.sweep_dir)))
             if cfg.measures_cost():
                 try:
@@ -422,59 +432,6 @@ class Sweep:
 
 
 # --- helpers --------------------------------------------------------------------------
-
-RUN_SPAN = "run_span:"  # study attribute prefix: one run's [first, last] wall-clock time.time()
-
-
-class RunSpan:
-    """One run of a sweep, recorded in its study as [started, last seen] in wall-clock seconds.
-
-    sweep.budget counts these spans, not the trials' own seconds: the time between trials (sampling, loading,
-    bookkeeping) is spent too, and a resumed run must not start a trial the first run had no time left for.
-    """
-
-    def __init__(self, study: optuna.Study):
-        self.study, self.key, self.started = study, f"{RUN_SPAN}{uuid.uuid4().hex[:12]}", time.time()
-        self.mark()
-
-    def mark(self) -> None:
-        self.study.set_user_attr(self.key, [self.started, time.time()])
-
-
-def spent_seconds(study: optuna.Study) -> float:
-    """Wall time the earlier runs of this sweep took (what sweep.budget counts as spent).
-
-    The union of the runs' spans (parallel workers overlap, so their spans are merged, not added) and of each
-    trial's time from its start to its last heartbeat (a worker killed mid-trial last marked its span when its
-    previous trial ended), plus the seconds of trials that finished before the first recorded span (studies
-    from before spans were kept).
-    """
-    spans = [tuple(v) for k, v in study.user_attrs.items() if k.startswith(RUN_SPAN)]
-    since = min((first for first, _ in spans), default=float("inf"))
-    beats = [(t.datetime_start.timestamp(), t.system_attrs[studies.HEARTBEAT]) for t in own_trials(study)
-             if t.datetime_start and t.datetime_start.timestamp() >= since and studies.HEARTBEAT in t.system_attrs]
-    covered, end = 0.0, float("-inf")
-    for first, last in sorted(spans + beats):
-        covered += max(0.0, last - max(first, end))
-        end = max(end, last)
-    return covered + sum(t.user_attrs.get("seconds", 0.0) for t in own_trials(study, (
-        TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
-        if t.user_attrs.get("duplicate_of") is None and t.datetime_start and t.datetime_start.timestamp() < since)
-
-
-def shortest_trial(study: optuna.Study) -> float | None:
-    """Seconds of this sweep's shortest finished or pruned trial (a pruned one reached a first rung)."""
-    seconds = [t.user_attrs["seconds"] for t in own_trials(study, (TrialState.COMPLETE, TrialState.PRUNED))
-               if t.user_attrs.get("seconds") and t.user_attrs.get("duplicate_of") is None]
-    return min(seconds) if seconds else None
-
-
-def after_training_seconds(study: optuna.Study) -> float:
-    """The median time a completed trial of this sweep spent after its training loop (test, export, bookkeeping)."""
-    tails = sorted((t.user_attrs.get("time_split") or {}).get("other", 0.0) + (t.user_attrs.get("time_split") or {})
-                   .get("test", 0.0) for t in own_trials(study, (TrialState.COMPLETE,)) if t.user_attrs.get("time_split"))
-    return max(0.0, tails[len(tails) // 2]) if tails else 0.0
-
 
 REPORT_SCALE = "report_scale"  # study attribute: "budget" (per-mille of each trial's steps) or "steps"
 
