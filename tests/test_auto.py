@@ -16,8 +16,8 @@ from finetune.cli import main
 from finetune.ensemble.artefact import Ensemble
 from finetune.run import train_run
 from finetune.sweep import parse_sweep
-from finetune.sweep.preset import recipe_first, resolve
 from finetune.sweep.budget import RUN_SPAN, fitted_schedule, spent_seconds
+from finetune.sweep.preset import recipe_first, resolve
 from finetune.sweep.space import to_overrides
 from finetune.sweep.study import HEARTBEAT
 

@@ -45,7 +45,13 @@ from finetune.processes import command_logging, multi_process_without_accelerato
 from finetune.reuse import reuse, sharing
 from finetune.runs import remove_checkpoints, remove_model
 from finetune.sweep import study as studies
-from finetune.sweep.budget import RunSpan, after_training_seconds, fitted_schedule, shortest_trial, spent_seconds
+from finetune.sweep.budget import (
+    RunSpan,
+    after_training_seconds,
+    fitted_schedule,
+    shortest_trial,
+    spent_seconds,
+)
 from finetune.sweep.config import SweepConfig
 from finetune.sweep.folder import SweepFolder, run_folders
 from finetune.sweep.space import format_override, suggest, to_overrides
