@@ -52,6 +52,9 @@ SST2 = Path(os.environ.get("FINETUNE_DATA_DIR", REPO.parent / "shared" / "data")
 OURS = ["grid", "random", "tpe", "gp", "tpe_median", "tpe_hyperband"]
 OTHERS = ["trainer_hpo", "autogluon"]
 AUTO = "auto"  # finetune auto: search + ensemble in the budget; its test is scored once, at the end
+# finetune auto as shipped, and with sweep.fill_budget off (as it was before: the time too short for a whole
+# trial stays idle), to measure what filling it gives: --methods auto_nofill,auto,autogluon --out-dir ...
+AUTOS = {AUTO: "finetune auto", "auto_nofill": "finetune auto, fill_budget off"}
 POLICIES = [{"policy.kind": "full"},
             {"policy.kind": "lora", "policy.lora.rank": 8, "policy.lora.alpha": 16},
             {"policy.kind": "lora", "policy.lora.rank": 32, "policy.lora.alpha": 64}]
@@ -93,7 +96,7 @@ def finished_trials(study, started: float) -> list[dict]:
                        "finished_t": round(clock - testing, 1), "finished_wall_t": round(clock, 1),
                        "validation": trial.value if trial.state.name == "COMPLETE" else None,
                        "test": (trial.user_attrs.get("test") or {}).get("accuracy"),
-                       "seconds": trial.user_attrs.get("seconds")})
+                       "seconds": trial.user_attrs.get("seconds"), "shortened": trial.user_attrs.get("shortened")})
     return trials
 
 
@@ -118,7 +121,7 @@ def run_ours(method: str, seed: int, budget: float, data: Path, work: Path, out:
                      "total_seconds": round(time.time() - started, 1), "optuna": optuna.__version__})
 
 
-def run_auto_child(seed: int, budget: float, data: Path, work: Path, out: Path) -> None:
+def run_auto_child(method: str, seed: int, budget: float, data: Path, work: Path, out: Path) -> None:
     """Child process: ``finetune auto`` with the same budget, everything included (search, scoring the kept
     models on validation and test, the greedy ensemble), as AutoGluon's time includes its own."""
     started = time.time()
@@ -129,14 +132,15 @@ def run_auto_child(seed: int, budget: float, data: Path, work: Path, out: Path) 
     from finetune.sweep.storage import open_storage
     from finetune.sweep.trials import current_study
 
-    folder = work / "sweeps" / f"auto-seed{seed}"
+    folder = work / "sweeps" / f"{method}-seed{seed}"
     shutil.rmtree(folder, ignore_errors=True)  # a fresh job: a resumed one would count an earlier try's time
-    cfg = parse_sweep({"preset": "auto", "budget": budget, "seed": seed, "dir": str(folder)})
-    result = run_auto(bench_recipe("auto", seed, data), cfg)
+    fill = {"fill_budget": False} if method == "auto_nofill" else {}
+    cfg = parse_sweep({"preset": "auto", "budget": budget, "seed": seed, "dir": str(folder), **fill})
+    result = run_auto(bench_recipe(method, seed, data), cfg)
     summary = result.summary
     single, bag = summary["best_single"], summary["ensemble"]
     study = current_study(open_storage(cfg.storage, folder), result.sweep.study_name)
-    write_json(out, {"tool": "auto", "seed": seed, "budget_s": budget, "trials": finished_trials(study, started),
+    write_json(out, {"tool": method, "seed": seed, "budget_s": budget, "trials": finished_trials(study, started),
                      "validation_accuracy": single["validation_metrics"]["accuracy"],
                      "test_accuracy": single["test_metrics"]["accuracy"],
                      "ensemble_validation_accuracy": bag["validation_metrics"]["accuracy"],
@@ -268,20 +272,24 @@ def summarise(results: list[dict], budget: float, info: dict, command: str) -> s
         test = mean_sd([p["test"] if p else None for p in picks])
         wall = statistics.mean(r["total_seconds"] for r in runs)
         lines.append(f"| {tool} | {len(runs)} | {finished:.1f} | {validation} | {test} | {shown_time} | {wall:.0f} |")
-    if by_tool.get(AUTO):
-        runs = by_tool[AUTO]
+    for tool, label in AUTOS.items():
+        runs = by_tool.get(tool)
+        if not runs:
+            continue
         finished = statistics.mean(len(within(r, budget)) for r in runs)
+        shortened = statistics.mean(sum(bool(t.get("shortened")) for t in within(r, budget)) for r in runs)
         times = [time_to(within(r, budget), target[r["seed"]]) if r["seed"] in target else None for r in runs]
         reached = [t for t in times if t is not None]
         shown_time = f"{statistics.mean(reached):.0f} s ({len(reached)}/{len(runs)})" if reached else \
             f"not reached (0/{len(runs)})"
         wall = statistics.mean(r["total_seconds"] for r in runs)
         members = statistics.mean(r["ensemble_members"] for r in runs)
-        lines.append(f"| finetune auto: best single model | {len(runs)} | {finished:.1f} | "
+        lines.append(f"| {label}: best single model | {len(runs)} | {finished:.1f}"
+                     + (f" ({shortened:.1f} shortened)" if shortened else "") + " | "
                      f"{mean_sd([r['validation_accuracy'] for r in runs])} | "
                      f"{mean_sd([r['test_accuracy'] for r in runs])} | {shown_time} | "
                      f"{wall:.0f} (search, ensemble and test included) |")
-        lines.append(f"| finetune auto: greedy ensemble ({members:.1f} members) | {len(runs)} | - | "
+        lines.append(f"| {label}: greedy ensemble ({members:.1f} members) | {len(runs)} | - | "
                      f"{mean_sd([r['ensemble_validation_accuracy'] for r in runs])} | "
                      f"{mean_sd([r['ensemble_test_accuracy'] for r in runs])} | - | (same job) |")
     if by_tool.get("autogluon"):
@@ -355,30 +363,30 @@ def targets(by_tool: dict[str, list[dict]], budget: float, target: dict[int, flo
                 if ag and pick and pick.get("test") is not None else "-"
             met[tool][2] += bool(ag and pick and pick.get("test") is not None and pick["test"] > ag["test_accuracy"])
             lines.append(f"| {tool} | {seed} | {first} | {second} | {third} |")
-    for seed, r in sorted(seeds.get(AUTO, {}).items()):
-        met.setdefault(AUTO, [0, 0, 0, 0])[3] += 1
+    for tool, seed, r in [(tool, seed, r) for tool in AUTOS for seed, r in sorted(seeds.get(tool, {}).items())]:
+        met.setdefault(tool, [0, 0, 0, 0])[3] += 1
         grid_run, bar = seeds.get("grid", {}).get(seed), target.get(seed)
         mine = time_to(within(r, budget), bar) if bar is not None else None
         grid = time_to(within(grid_run, budget), bar) if grid_run and bar is not None else None
         first = "never" if mine is None else f"{mine:.0f}" + (f" ({mine / grid:.2f})" if grid else "")
-        met[AUTO][0] += bool(mine is not None and grid and mine / grid <= 1 / 3)
+        met[tool][0] += bool(mine is not None and grid and mine / grid <= 1 / 3)
         hpo, second = seeds.get("trainer_hpo", {}).get(seed), "-"
         if hpo:  # auto scores test once, on the model it hands over when the job ends
             done = r["total_seconds"]
             second = (f"{done:.0f} ({done / hpo['total_seconds']:.2f}), at the job's end"
                       if r["test_accuracy"] >= hpo["test_accuracy"] else "never (its final model scores lower)")
-            met[AUTO][1] += bool(r["test_accuracy"] >= hpo["test_accuracy"] and done / hpo["total_seconds"] <= 0.5)
+            met[tool][1] += bool(r["test_accuracy"] >= hpo["test_accuracy"] and done / hpo["total_seconds"] <= 0.5)
         ag = seeds.get("autogluon", {}).get(seed)
         third = "-"
         if ag:
             third = (f"{100 * (r['test_accuracy'] - ag['test_accuracy']):+.2f} pt single, "
                      f"{100 * (r['ensemble_test_accuracy'] - ag['test_accuracy']):+.2f} pt ensemble")
-            met[AUTO][2] += r["test_accuracy"] > ag["test_accuracy"]
-        lines.append(f"| finetune auto | {seed} | {first} | {second} | {third} |")
+            met[tool][2] += r["test_accuracy"] > ag["test_accuracy"]
+        lines.append(f"| {AUTOS[tool]} | {seed} | {first} | {second} | {third} |")
     lines += ["", "Seeds on which each target is met (finetune auto: its best single model):", "",
               "| method | grid's best − 0.5 pt in ≤ 1/3 of grid's time | Trainer HPO's test in ≤ 1/2 its time "
               "| above AutoGluon's test |", "|---|---|---|---|"]
-    lines += [f"| {tool} | {a}/{n} | {b}/{n} | {c}/{n} |" for tool, (a, b, c, n) in met.items() if n]
+    lines += [f"| {AUTOS.get(tool, tool)} | {a}/{n} | {b}/{n} | {c}/{n} |" for tool, (a, b, c, n) in met.items() if n]
     return lines
 
 
@@ -445,16 +453,16 @@ def main() -> int:
     args = parser.parse_args()
     out_dir, work = Path(args.out_dir), Path(args.work_dir)
     data = work / "data"
-    if args.child and args.child[0] == AUTO:
-        run_auto_child(int(args.child[1]), args.budget, data, work, Path(args.child[2]))
+    if args.child and args.child[0] in AUTOS:
+        run_auto_child(args.child[0], int(args.child[1]), args.budget, data, work, Path(args.child[2]))
         return 0
     if args.child:
         run_ours(args.child[0], int(args.child[1]), args.budget, data, work, Path(args.child[2]))
         return 0
     methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in methods if m not in OURS + [AUTO] + OTHERS]
+    unknown = [m for m in methods if m not in OURS + list(AUTOS) + OTHERS]
     if unknown:
-        parser.error(f"unknown method {unknown[0]!r}; choose from {', '.join(OURS + [AUTO] + OTHERS)}")
+        parser.error(f"unknown method {unknown[0]!r}; choose from {', '.join(OURS + list(AUTOS) + OTHERS)}")
     raw_dir = out_dir / "raw"
     raw_dir.mkdir(parents=True, exist_ok=True)
     command = "python scripts/bench_search.py " + " ".join(sys.argv[1:])
@@ -474,7 +482,7 @@ def main() -> int:
                 if out.exists():
                     continue
                 print(f"== {method} seed {seed} (budget {args.budget:.0f} s)", flush=True)
-                if method in OURS + [AUTO]:
+                if method in OURS + list(AUTOS):
                     command_line = [sys.executable, __file__, "--budget", str(args.budget), "--work-dir", str(work),
                                     "--child", method, str(seed), str(out)]
                 else:
