@@ -158,16 +158,16 @@ def test_a_last_trial_is_fitted_to_the_time_left_by_the_slowest_timings():
     study = optuna.create_study()
     add_trial(study, seconds=70, train=55, evaluate=5, steps=120)  # 10 s fixed, 0.5 s a step
     add_trial(study, seconds=50, train=25, evaluate=5, steps=120)  # 20 s fixed (a feature cache), 0.25 s a step
-    # timed by the worst of each, 20 s fixed and 0.5 s a step: what it plans ends in time whichever trial comes
-    assert fitted_schedule(study, 50) == (60, 120)
-    assert fitted_schedule(study, 40) == (40, 120)  # a third of the schedule: the least worth training
-    assert fitted_schedule(study, 39) is None
-    assert fitted_schedule(study, 90) is None  # 140 steps: a whole trial fits, nothing to shorten
-    assert fitted_schedule(study, 100, repeats=2) == (60, 120)  # each of the two runs gets half
+    # timed by the worst of each, 20 s fixed and 0.5 s a step, planned to end by 85 % of the time left (drift)
+    assert fitted_schedule(study, 50.1 / 0.85) == (60, 120)
+    assert fitted_schedule(study, 40.1 / 0.85) == (40, 120)  # a third of the schedule: the least worth training
+    assert fitted_schedule(study, 39.9 / 0.85) is None
+    assert fitted_schedule(study, 80.1 / 0.85) is None  # 120 steps: a whole trial fits, nothing to shorten
+    assert fitted_schedule(study, 100.2 / 0.85, repeats=2) == (60, 120)  # each of the two runs gets half
     assert fitted_schedule(optuna.create_study(), 50) is None  # nothing completed to time a trial by
     cut = optuna.create_study()  # a trial the deadline stopped: its schedule, not its steps, is the full one
     add_trial(cut, seconds=40, train=30, evaluate=0, steps=60, stopped_at_deadline={"step": 60, "of": 120})
-    assert fitted_schedule(cut, 55) == (90, 120)
+    assert fitted_schedule(cut, 55.1 / 0.85) == (90, 120)
 
 
 def add_trial(study: optuna.Study, seconds: float, train: float, evaluate: float, steps: int, **attrs) -> None:

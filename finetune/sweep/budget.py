@@ -19,6 +19,9 @@ from finetune.sweep import study as studies
 from finetune.sweep.trials import own_trials
 
 FILL_SHARE = 1 / 3  # the least share of the full schedule a filling trial trains: Hyperband's (factor 3) first cut
+# a filling trial plans to end by this share of the time left: machines drift (one MRPC job here ran its second
+# trial 13 % slower per step than its first, and the deadline cut it at step 335 of 381)
+FILL_MARGIN = 0.85
 
 
 RUN_SPAN = "run_span:"  # study attribute prefix: one run's [first, last] wall-clock time.time()
@@ -79,8 +82,8 @@ def fitted_schedule(study: optuna.Study, seconds: float, repeats: int = 1) -> tu
     ``seconds``; None when that is less than ``FILL_SHARE`` of the full schedule, or nothing completed yet.
 
     Timed conservatively from the completed trials: the most seconds any spent outside training and evaluation
-    (setup, feature cache, test, export) are fixed, and the most seconds any spent per optimizer step on
-    training and evaluation scale. A faster trial (LoRA, frozen layers) then ends early, which leaves time
+    (setup, feature cache, test, export) are fixed, the most seconds any spent per optimizer step on training
+    and evaluation scale, and the plan ends at ``FILL_MARGIN`` of ``seconds``. A faster trial (LoRA, frozen layers) then ends early, which leaves time
     idle but keeps the budget; a slower one is stopped by the deadline, as any trial is.
     """
     done = [t.user_attrs for t in own_trials(study, (TrialState.COMPLETE,))
@@ -95,5 +98,5 @@ def fitted_schedule(study: optuna.Study, seconds: float, repeats: int = 1) -> tu
         per_step = max(per_step, moving / attrs["optimizer_steps"])
         cut = attrs.get("stopped_at_deadline") or attrs.get("shortened")  # {"of": the schedule it was cut from}
         full = max(full, cut["of"] if cut else attrs["optimizer_steps"] // runs)
-    steps = math.floor((seconds / repeats - fixed) / per_step) if per_step > 0 else 0
+    steps = math.floor((FILL_MARGIN * seconds / repeats - fixed) / per_step) if per_step > 0 else 0
     return (steps, full) if FILL_SHARE * full <= steps < full else None

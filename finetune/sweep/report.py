@@ -163,14 +163,15 @@ def _markdown_table(rows: list[dict], metric: str) -> str:
         note = r["error"] or (f"pruned at step {r['pruned_at_step']}" if r.get("pruned_at_step") is not None else "")
         if r.get("duplicate_of") is not None:
             note = f"same settings as trial {r['duplicate_of']}: its result, nothing trained"
-        if r.get("stopped_at_deadline"):
-            cut = r["stopped_at_deadline"]
-            note = f"sweep.budget ran out: training stopped at step {cut['step']} of {cut['of']}"
-        elif r.get("shortened"):
+        if r.get("shortened"):
             cut = r["shortened"]
             note = f"sweep.fill_budget: a schedule of {cut['steps']} of {cut['of']} steps, to end within the budget"
+        if r.get("stopped_at_deadline"):
+            cut = r["stopped_at_deadline"]
+            note = (f"{note}; " if r.get("shortened") else "") + \
+                f"sweep.budget ran out: training stopped at step {cut['step']} of {cut['of']}"
         lines.append(f"| {r['number']} | {r['state']} | {value} | {r['overrides']} | {r['best_step'] or ''} | "
-                     f"{r['seconds'] or ''} | {note.replace('|', '/')[:120]} |")
+                     f"{r['seconds'] or ''} | {note.replace('|', '/')[:200]} |")
     return "\n".join(lines)
 
 
