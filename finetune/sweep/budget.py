@@ -83,8 +83,9 @@ def fitted_schedule(study: optuna.Study, seconds: float, repeats: int = 1) -> tu
 
     Timed conservatively from the completed trials: the most seconds any spent outside training and evaluation
     (setup, feature cache, test, export) are fixed, the most seconds any spent per optimizer step on training
-    and evaluation scale, and the plan ends at ``FILL_MARGIN`` of ``seconds``. A faster trial (LoRA, frozen layers) then ends early, which leaves time
-    idle but keeps the budget; a slower one is stopped by the deadline, as any trial is.
+    and evaluation scale, and the plan ends at ``FILL_MARGIN`` of ``seconds``. A faster trial (LoRA, frozen
+    layers) then ends early, which leaves time idle but keeps the budget; a slower one is stopped by the
+    deadline, as any trial is.
     """
     done = [t.user_attrs for t in own_trials(study, (TrialState.COMPLETE,))
             if t.user_attrs.get("optimizer_steps") and t.user_attrs.get("duplicate_of") is None]
