@@ -16,7 +16,12 @@ from finetune.cli import main
 from finetune.ensemble.artefact import Ensemble
 from finetune.run import train_run
 from finetune.sweep import parse_sweep
-from finetune.sweep.budget import RUN_SPAN, fitted_schedule, spent_seconds
+from finetune.sweep.budget import (
+    RUN_SPAN,
+    fitted_schedule,
+    shortest_whole_trial,
+    spent_seconds,
+)
 from finetune.sweep.preset import recipe_first, resolve
 from finetune.sweep.space import to_overrides
 from finetune.sweep.study import HEARTBEAT
@@ -170,6 +175,16 @@ def test_a_last_trial_is_fitted_to_the_time_left_by_the_slowest_timings():
     assert fitted_schedule(cut, 55.1 / 0.85) == (90, 120)
 
 
+def test_a_whole_trial_is_one_that_trained_its_whole_schedule():
+    study = optuna.create_study()
+    add_trial(study, seconds=30, train=25, evaluate=0, steps=40, stopped_at_deadline={"step": 40, "of": 120})
+    add_trial(study, seconds=40, train=35, evaluate=0, steps=60, shortened={"steps": 60, "of": 120})
+    assert shortest_whole_trial(study) is None  # cut and shortened trials do not say how long a whole one takes
+    add_trial(study, seconds=90, train=80, evaluate=0, steps=120)
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED, user_attrs={"seconds": 20.0}))
+    assert shortest_whole_trial(study) == 90
+
+
 def add_trial(study: optuna.Study, seconds: float, train: float, evaluate: float, steps: int, **attrs) -> None:
     study.add_trial(optuna.trial.create_trial(value=0.5, user_attrs={
         "seconds": seconds, "train_seconds": train, "time_split": {"evaluate": evaluate}, "optimizer_steps": steps,
@@ -182,8 +197,8 @@ def test_time_too_short_for_a_whole_trial_goes_to_a_shortened_one(tiny_backbone,
     budget trains the shortened schedule, and the record and the report say so."""
     import finetune.sweep.runner as runner
 
-    whole = runner.shortest_trial  # after the first trial, no whole trial fits any more
-    monkeypatch.setattr(runner, "shortest_trial", lambda study: None if whole(study) is None else math.inf)
+    whole = runner.shortest_whole_trial  # after the first trial, no whole trial fits any more
+    monkeypatch.setattr(runner, "shortest_whole_trial", lambda study: None if whole(study) is None else math.inf)
     timed_by = []
 
     def fitted(study, seconds, repeats):
@@ -192,9 +207,9 @@ def test_time_too_short_for_a_whole_trial_goes_to_a_shortened_one(tiny_backbone,
 
     monkeypatch.setattr(runner, "fitted_schedule", fitted)
     recipe = tiny_recipe(tiny_backbone, sentiment_dir, tmp_path, train={"epochs": 2, "eval_every": 2, "batch_size": 16})
-    result = recipe.sweep({"train.lr": {"loguniform": [1e-3, 1e-2]}}, method="random", n_trials=5, budget=600,
+    result = recipe.sweep({"train.lr": {"loguniform": [1e-3, 1e-2]}}, method="random", n_trials=2, budget=600,
                           fill_budget=True, dir=str(tmp_path / "fill"))
-    assert timed_by[0] == [24] and len(result.trials) == 2  # 2 epochs of 12 steps timed it; then nothing fitted
+    assert timed_by[0] == [24] and len(result.trials) == 2  # the first trial's 2 epochs of 12 steps timed it
     shortened = result.trials[1]
     assert shortened["state"] == "COMPLETE" and shortened["overrides"].endswith("train.max_steps=5")
     assert shortened["shortened"] == {"steps": 5, "of": 24}

@@ -2,8 +2,8 @@
 
 A budget counts wall time over every run of a sweep folder (``RunSpan``s recorded in the study), so a
 resumed sweep has what is left. No trial starts with less left than the shortest trial so far took;
-with ``sweep.fill_budget`` the time that would then stay idle goes to one more trial on a shortened
-schedule (``fitted_schedule``).
+with ``sweep.fill_budget``, time too short for a whole trial goes to a trial on a shortened schedule
+(``fitted_schedule``) instead of idling or starting a whole schedule the deadline would cut.
 """
 
 from __future__ import annotations
@@ -67,6 +67,14 @@ def shortest_trial(study: optuna.Study) -> float | None:
     """Seconds of this sweep's shortest finished or pruned trial (a pruned one reached a first rung)."""
     seconds = [t.user_attrs["seconds"] for t in own_trials(study, (TrialState.COMPLETE, TrialState.PRUNED))
                if t.user_attrs.get("seconds") and t.user_attrs.get("duplicate_of") is None]
+    return min(seconds) if seconds else None
+
+
+def shortest_whole_trial(study: optuna.Study) -> float | None:
+    """Seconds of this sweep's shortest trial that trained its whole schedule (not pruned, cut or shortened)."""
+    seconds = [t.user_attrs["seconds"] for t in own_trials(study, (TrialState.COMPLETE,))
+               if t.user_attrs.get("seconds") and t.user_attrs.get("duplicate_of") is None
+               and not t.user_attrs.get("stopped_at_deadline") and not t.user_attrs.get("shortened")]
     return min(seconds) if seconds else None
 
 

@@ -90,9 +90,9 @@ class SweepConfig(Strict):
     far is its result), and no trial starts with less left than the shortest trial so far took (see
     fill_budget). With preset auto it covers the ensemble too (the search gets 90 %)."""
     fill_budget: bool | None = None
-    """With a budget: when less is left than the shortest trial took, give it to a trial on a schedule shortened
-    (train.max_steps) to end in time, if that is at least a third of the full schedule, rather than leave the
-    time idle. Its value comes from fewer steps than the others' (the report says so); it may join an ensemble
+    """With a budget: when less is left than the shortest whole trial took, give it to a trial on a schedule
+    shortened (train.max_steps) to end in time, if that is at least a third of the full schedule, rather than
+    leave the time idle or start a whole schedule the deadline would cut. Its value comes from fewer steps than the others' (the report says so); it may join an ensemble
     or, if validation says so, be the best. Default: on with preset auto, else off. Not with grid (each point is
     trained as written) or a space that sets train.epochs or train.max_steps."""
     seed: int = 0

@@ -50,6 +50,7 @@ from finetune.sweep.budget import (
     after_training_seconds,
     fitted_schedule,
     shortest_trial,
+    shortest_whole_trial,
     spent_seconds,
 )
 from finetune.sweep.config import SweepConfig
@@ -228,14 +229,16 @@ class Sweep:
         shortened = None  # (steps, of): the schedule of a last trial fitted into what is left of the budget
         if self.deadline is not None:
             left, shortest = self.deadline - time.monotonic(), shortest_trial(study)
-            if left <= 0 or (shortest is not None and left < shortest):
-                shortened = fitted_schedule(study, left, cfg.repeats) if cfg.fill_budget and left > 0 else None
-                if shortened is None:
-                    log.info("budget: %.0f s left, less than the shortest trial so far (%s); starting no new trial",
-                             max(left, 0.0), "none" if shortest is None else f"{shortest:.0f} s")
-                    return None
-                log.info("budget: %.0f s left, less than the shortest trial so far (%.0f s); one more trial on a "
-                         "schedule shortened to %d of %d steps (sweep.fill_budget)", left, shortest, *shortened)
+            whole = shortest_whole_trial(study) if cfg.fill_budget else None
+            if whole is not None and 0 < left < whole:  # a whole schedule would be cut short: fit one that ends
+                shortened = fitted_schedule(study, left, cfg.repeats)
+            if shortened is None and (left <= 0 or (shortest is not None and left < shortest)):
+                log.info("budget: %.0f s left, less than the shortest trial so far (%s); starting no new trial",
+                         max(left, 0.0), "none" if shortest is None else f"{shortest:.0f} s")
+                return None
+            if shortened is not None:
+                log.info("budget: %.0f s left, less than a whole trial takes (%.0f s); a trial on a schedule "
+                         "shortened to %d of %d steps (sweep.fill_budget)", left, whole, *shortened)
         for number in studies.recover_stale(study, cfg.heartbeat_seconds, self.sweep_dir):
             log.info("trial %d: its worker stopped sending heartbeats; its settings are queued again", number)
         finished = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
