@@ -19,7 +19,7 @@ from finetune.sweep import parse_sweep
 from finetune.sweep.budget import (
     RUN_SPAN,
     fitted_schedule,
-    shortest_whole_trial,
+    shortest_trial,
     spent_seconds,
 )
 from finetune.sweep.preset import recipe_first, resolve
@@ -179,10 +179,10 @@ def test_a_whole_trial_is_one_that_trained_its_whole_schedule():
     study = optuna.create_study()
     add_trial(study, seconds=30, train=25, evaluate=0, steps=40, stopped_at_deadline={"step": 40, "of": 120})
     add_trial(study, seconds=40, train=35, evaluate=0, steps=60, shortened={"steps": 60, "of": 120})
-    assert shortest_whole_trial(study) is None  # cut and shortened trials do not say how long a whole one takes
+    assert shortest_trial(study, whole=True) is None  # cut and shortened trials do not say how long a whole one takes
     add_trial(study, seconds=90, train=80, evaluate=0, steps=120)
     study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED, user_attrs={"seconds": 20.0}))
-    assert shortest_whole_trial(study) == 90
+    assert shortest_trial(study, whole=True) == 90 and shortest_trial(study) == 20
 
 
 def add_trial(study: optuna.Study, seconds: float, train: float, evaluate: float, steps: int, **attrs) -> None:
@@ -197,8 +197,9 @@ def test_time_too_short_for_a_whole_trial_goes_to_a_shortened_one(tiny_backbone,
     budget trains the shortened schedule, and the record and the report say so."""
     import finetune.sweep.runner as runner
 
-    whole = runner.shortest_whole_trial  # after the first trial, no whole trial fits any more
-    monkeypatch.setattr(runner, "shortest_whole_trial", lambda study: None if whole(study) is None else math.inf)
+    real = runner.shortest_trial  # after the first trial, no whole trial fits any more
+    monkeypatch.setattr(runner, "shortest_trial", lambda study, whole=False: real(study, whole) if not whole or
+                        real(study, whole) is None else math.inf)
     timed_by = []
 
     def fitted(study, seconds, repeats):

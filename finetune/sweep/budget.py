@@ -63,18 +63,13 @@ def spent_seconds(study: optuna.Study) -> float:
         if t.user_attrs.get("duplicate_of") is None and t.datetime_start and t.datetime_start.timestamp() < since)
 
 
-def shortest_trial(study: optuna.Study) -> float | None:
-    """Seconds of this sweep's shortest finished or pruned trial (a pruned one reached a first rung)."""
-    seconds = [t.user_attrs["seconds"] for t in own_trials(study, (TrialState.COMPLETE, TrialState.PRUNED))
-               if t.user_attrs.get("seconds") and t.user_attrs.get("duplicate_of") is None]
-    return min(seconds) if seconds else None
-
-
-def shortest_whole_trial(study: optuna.Study) -> float | None:
-    """Seconds of this sweep's shortest trial that trained its whole schedule (not pruned, cut or shortened)."""
-    seconds = [t.user_attrs["seconds"] for t in own_trials(study, (TrialState.COMPLETE,))
+def shortest_trial(study: optuna.Study, whole: bool = False) -> float | None:
+    """Seconds of this sweep's shortest finished or pruned trial (a pruned one reached a first rung); ``whole``:
+    of its shortest trial that trained its whole schedule (completed, not cut by the deadline or shortened)."""
+    states = (TrialState.COMPLETE,) if whole else (TrialState.COMPLETE, TrialState.PRUNED)
+    seconds = [t.user_attrs["seconds"] for t in own_trials(study, states)
                if t.user_attrs.get("seconds") and t.user_attrs.get("duplicate_of") is None
-               and not t.user_attrs.get("stopped_at_deadline") and not t.user_attrs.get("shortened")]
+               and not (whole and (t.user_attrs.get("stopped_at_deadline") or t.user_attrs.get("shortened")))]
     return min(seconds) if seconds else None
 
 

@@ -50,7 +50,6 @@ from finetune.sweep.budget import (
     after_training_seconds,
     fitted_schedule,
     shortest_trial,
-    shortest_whole_trial,
     spent_seconds,
 )
 from finetune.sweep.config import SweepConfig
@@ -229,7 +228,7 @@ class Sweep:
         shortened = None  # (steps, of): the schedule of a last trial fitted into what is left of the budget
         if self.deadline is not None:
             left, shortest = self.deadline - time.monotonic(), shortest_trial(study)
-            whole = shortest_whole_trial(study) if cfg.fill_budget else None
+            whole = shortest_trial(study, whole=True) if cfg.fill_budget else None
             if whole is not None and 0 < left < whole:  # a whole schedule would be cut short: fit one that ends
                 shortened = fitted_schedule(study, left, cfg.repeats)
             if shortened is None and (left <= 0 or (shortest is not None and left < shortest)):
